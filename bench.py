@@ -1,0 +1,103 @@
+"""Step-time benchmark: every method's training step on the same batches, as a ratio to plain LoRA.
+
+    python bench.py                                  # CPU: MiniLM, a few minutes on 2 cores
+    python bench.py --model=random-roberta-base      # GPU: roberta-base's exact shapes, CUDA events
+
+Each variant gets its own copy of the same base model and the exact `train_step` that train.py runs.
+Variants are timed in interleaved rounds (lora, fw-warm-up, ..., lora, ...) so machine noise hits all alike;
+the first `warmup` steps of each round are dropped; the table gives the median ms/step over rounds.
+Writes results/bench_<model>_<device>.json.
+"""
+import copy
+import dataclasses
+import sys
+
+import torch
+
+from train import (Clock, Config, build_method, environment, load_model, parse_args, resolve_device, train_step,
+                   write_json)
+
+# name -> (Config overrides, steps of Fisher warm-up before timing starts)
+VARIANTS = {
+    "lora": dict(method="lora"),
+    "fwlora_warmup_probe": dict(method="fwlora", fw_estimator="probe", fw_warmup_steps=10**9),
+    "fwlora_warmup_exact": dict(method="fwlora", fw_estimator="exact", fw_warmup_steps=10**9),
+    "fwlora_penalised": dict(method="fwlora", fw_warmup_steps=1),  # frozen after one step: penalty every step
+    "l2lora_penalised": dict(method="l2lora", fw_warmup_steps=1),
+    "adalora": dict(method="adalora", ada_t_init=0, ada_t_final=1),  # the decreasing phase: mask every delta_t
+}
+
+
+@dataclasses.dataclass
+class Bench:
+    model: str = "auto"       # auto: random-roberta-base on a GPU, minilm on CPU
+    budget: float = 0.2       # % (the hypothesis's headline budget)
+    batch_size: int = 32      # hypothesis
+    seq_len: int = 64         # tokens per example (random ids; SST-2 averages ~25, CoLA ~11 with MiniLM's tokenizer)
+    steps: int = 12           # timed steps per variant per round
+    warmup: int = 3           # untimed steps per variant per round
+    rounds: int = 3           # interleaved rounds; median over all timed steps
+    device: str = "auto"
+
+
+def main(b: Bench) -> dict:
+    device = resolve_device(b.device)
+    name = b.model if b.model != "auto" else ("random-roberta-base" if device.type == "cuda" else "minilm")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else \
+        __import__("contextlib").nullcontext
+    torch.manual_seed(0)
+    base, _ = load_model(name)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(1000, 20000, (b.batch_size, b.seq_len), generator=g),
+                "attention_mask": torch.ones(b.batch_size, b.seq_len, dtype=torch.long),
+                "labels": torch.randint(0, 2, (b.batch_size,), generator=g)} for _ in range(4)]
+    batches = [{k: v.to(device) for k, v in x.items()} for x in batches]
+    T = 10**6  # a long notional run, so schedules sit in their steady phase
+    runs = {}
+    for v, over in VARIANTS.items():
+        cfg = Config(model=name, budget=b.budget, device=str(device), **over)
+        model = copy.deepcopy(base)
+        layers, ada, fw, info = build_method(cfg, model, T)
+        model.to(device).train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                                fused=device.type == "cuda")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        runs[v] = dict(model=model, cfg=cfg, ada=ada, fw=fw, opt=opt, sched=sched, step=0, ms=[],
+                       buckets={}, info=info)
+    for r in range(b.rounds):
+        for v, run in runs.items():
+            clock = Clock(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            for i in range(b.warmup + b.steps):
+                run["step"] += 1
+                train_step(run["model"], batches[i % len(batches)], run["opt"], run["sched"], run["step"],
+                           run["cfg"], run["ada"], run["fw"], clock, autocast)
+            clock.collect()
+            run["ms"] += clock.ms["step"][b.warmup:]
+            for k, ms in clock.ms.items():
+                run["buckets"][k] = run["buckets"].get(k, 0.0) + sum(ms[b.warmup:]) / b.steps / b.rounds
+            if device.type == "cuda":
+                run["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        print(f"round {r + 1}/{b.rounds} done", file=sys.stderr)
+    lora_ms = float(torch.tensor(runs["lora"]["ms"]).median())
+    table = {}
+    for v, run in runs.items():
+        med = float(torch.tensor(run["ms"]).median())
+        table[v] = {"ms_per_step_median": med, "ratio_to_lora": med / lora_ms,
+                    "buckets_ms_per_step": run["buckets"], "peak_mem_mb": run.get("peak_mb"),
+                    "adapter_rank": run["info"]["rank"], "ada_init_rank": run["info"].get("ada_init_rank")}
+    out = {"bench": dataclasses.asdict(b) | {"model": name}, "environment": environment(device), "variants": table}
+    print(f"\n{name} on {out['environment']['device_name']} ({device}), batch {b.batch_size} × {b.seq_len} tokens, "
+          f"budget {b.budget}%, median of {b.rounds}×{b.steps} steps")
+    print(f"| variant | ms/step | × LoRA | extra buckets (ms/step) | peak MiB |\n|---|---|---|---|---|")
+    for v, t in table.items():
+        extra = ", ".join(f"{k} {x:.2f}" for k, x in t["buckets_ms_per_step"].items() if k != "step") or "-"
+        mem = f"{t['peak_mem_mb']:.0f}" if t["peak_mem_mb"] else "-"
+        print(f"| {v} | {t['ms_per_step_median']:.1f} | {t['ratio_to_lora']:.3f} | {extra} | {mem} |")
+    write_json(f"results/bench_{name}_{device.type}.json", out)
+    return out
+
+
+if __name__ == "__main__":
+    main(parse_args(sys.argv[1:], Bench, __doc__))

@@ -1,0 +1,159 @@
+"""LoRA from scratch (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+    h = W x + ΔW x,   ΔW = (alpha / r) · B A,   A: r × d_in,  B: d_out × r        (LoRA eq. 3)
+
+A LoRALinear *wraps* a frozen nn.Linear (composition, as lit-gpt does) and adds two thin matmuls;
+ΔW is never formed while training. merge()/unmerge() fold ΔW into W explicitly, in fp32, and are
+idempotent; nothing merges as a side effect of train()/eval() (loralib's eval() override did and
+was never called). Every adapter parameter is named `lora_*`, so freezing and saving are one filter.
+
+Also here: swapping named modules for adapters, freezing, the budget rule (percent -> rank) and
+adapter-only save/load with safetensors. Run the tests: `python -m pytest tests/test_lora.py`.
+"""
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The six matrices AdaLoRA adapts in every layer: q, k, v, attention output, FFN in, FFN out.
+# BERT and RoBERTa name them alike. Matched against the full module name.
+DEFAULT_TARGETS = (r".*\.layer\.\d+\.(attention\.self\.(query|key|value)"
+                   r"|attention\.output\.dense|intermediate\.dense|output\.dense)")
+HEAD_PREFIXES = ("classifier", "score")  # trained, but not counted in the budget (as in the papers)
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus the low-rank update (alpha/r)·B·A."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {r}")
+        self.base, self.r, self.alpha = base, r, alpha
+        self.scaling = alpha / r
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev))   # r × d_in
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev))  # d_out × r
+        # A as nn.Linear inits its weight (Kaiming-uniform, a=√5), B = 0, so ΔW = 0 at step 0.
+        # (loralib's comment says the reverse; its code, and this, do it this way round.)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scaling · B A (d_out × d_in), in fp32; for merging and tests, never in training."""
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+    def lora_path(self, x: torch.Tensor) -> torch.Tensor:
+        # Scale the r-wide intermediate, not the d_out-wide output: same result, fewer multiplies.
+        return F.linear(F.linear(self.lora_dropout(x), self.lora_A) * self.scaling, self.lora_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y if self.merged else y + self.lora_path(x)
+
+    @torch.no_grad()
+    def merge(self):
+        """W <- W + ΔW in fp32 (idempotent)."""
+        if not self.merged:
+            w = self.base.weight
+            w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """W <- W - ΔW in fp32 (idempotent)."""
+        if self.merged:
+            w = self.base.weight
+            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+            self.merged = False
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+def target_names(model: nn.Module, targets: str = DEFAULT_TARGETS) -> list[str]:
+    """Names of the nn.Linear modules whose full name matches the `targets` regex."""
+    pat = re.compile(targets)
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pat.fullmatch(n)]
+
+
+def inject(model: nn.Module, make_layer, targets: str = DEFAULT_TARGETS) -> dict[str, nn.Module]:
+    """Swap every targeted nn.Linear for make_layer(linear); returns {name: adapter layer}."""
+    names = target_names(model, targets)
+    if not names:
+        raise ValueError(f"no nn.Linear in the model matches targets={targets!r}")
+    layers = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layers[name] = make_layer(getattr(parent, child))
+        setattr(parent, child, layers[name])
+    return layers
+
+
+def is_head(name: str) -> bool:
+    return name.split(".")[0] in HEAD_PREFIXES
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Train only adapter (`lora_*`) and classification-head parameters."""
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n or is_head(n))
+
+
+def count_base_params(model: nn.Module) -> int:
+    """Parameters of the pretrained model: everything except adapters and the head."""
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and not is_head(n))
+
+
+def rank_for_budget(budget_pct: float, n_base: int, shapes: list[tuple[int, int]]) -> int:
+    """The budget rule: the uniform integer rank whose adapter count is nearest to the budget.
+
+    One unit of rank on matrix (d_out, d_in) costs d_in + d_out parameters. With the 6 matrices of
+    roberta-base (165,888 per unit of rank) 0.1% -> r=1 (0.133%), 0.2% -> r=2, 0.5% -> r=4.
+    """
+    if not budget_pct > 0:
+        raise ValueError(f"budget must be > 0 (percent of base parameters), got {budget_pct}")
+    per_rank = sum(d_in + d_out for d_out, d_in in shapes)
+    r = round(budget_pct / 100 * n_base / per_rank)
+    if r < 1:
+        raise ValueError(f"budget {budget_pct}% is below half of rank 1 ({100 * per_rank / n_base:.3f}%)"
+                         f" on these {len(shapes)} matrices: raise --budget to at least "
+                         f"{50 * per_rank / n_base:.3f} or adapt fewer matrices")
+    r_max = min(min(s) for s in shapes)
+    if r > r_max:
+        raise ValueError(f"budget {budget_pct}% needs rank {r} > the smallest matrix side {r_max}")
+    return r
+
+
+def shape_groups(layers: list) -> list[list]:
+    """Adapter layers bucketed by (A shape, B shape, scaling), so per-matrix terms can be batched."""
+    groups: dict[tuple, list] = {}
+    for l in layers:
+        groups.setdefault((tuple(l.lora_A.shape), tuple(l.lora_B.shape), l.scaling), []).append(l)
+    return list(groups.values())
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter and head tensors only: what a fine-tune adds to the pretrained model."""
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if "lora_" in n or is_head(n)}
+
+
+def save_adapters(model: nn.Module, path: str) -> None:
+    from safetensors.torch import save_file  # safetensors, not pickle: loading runs no code
+    save_file(adapter_state(model), path)
+
+
+def load_adapters(model: nn.Module, path: str) -> None:
+    from safetensors.torch import load_file
+    state = load_file(path)
+    want = adapter_state(model)
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    wrong = [n for n in set(want) & set(state) if want[n].shape != state[n].shape]
+    if missing or extra or wrong:
+        raise ValueError(f"{path} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}, "
+                         f"other shape {wrong[:3]} (was it saved with another method, rank or target set?)")
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,140 @@
+"""AdaLoRA: init, the budget schedule, masking, the importance EMAs, orthogonality, the error guard."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from adalora import (AdaLoRALinear, RankAllocator, budget_schedule, check_schedule, orth_regularizer)
+from conftest import tiny_batch, tiny_model
+from lora import freeze_base, inject, shape_groups
+
+
+def ada_model(r=3, alpha=8.0):
+    model = tiny_model()
+    layers = list(inject(model, lambda lin: AdaLoRALinear(lin, r, alpha)).values())
+    freeze_base(model)
+    return model, layers
+
+
+def test_init_output_equals_base_and_official_init():
+    base, batch = tiny_model(), tiny_batch()
+    model, layers = ada_model()
+    assert torch.equal(model(**batch).logits, base(**batch).logits)  # E = 0
+    l = layers[0]
+    assert torch.equal(l.lora_E, torch.zeros(3, 1)) and l.scaling == 8.0 / 3
+    A = torch.cat([l.lora_A.flatten() for l in layers])
+    assert abs(A.std().item() - 0.02) < 0.003 and abs(A.mean().item()) < 0.003
+
+
+def test_delta_weight_formula_and_merge():
+    _, layers = ada_model()
+    l = layers[0]
+    torch.nn.init.normal_(l.lora_E)
+    x = torch.randn(5, l.base.in_features)
+    want = l.base(x) + x @ (l.lora_B @ (l.lora_A * l.lora_E) * l.scaling).t()
+    torch.testing.assert_close(l(x), want)
+    l.merge()
+    torch.testing.assert_close(l(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_schedule_matches_formula_and_never_increases():
+    b0, bT, T, ti, tf, dt = 60, 20, 1000, 100, 300, 10
+    bs = [budget_schedule(s, b0, bT, T, ti, tf, dt) for s in range(1, T + 1)]
+    assert bs[ti - 1] == (b0, False)                     # step t_init: no masking yet
+    assert bs[T - tf - 1][0] == bT                        # step T - t_final: target reached
+    for s in (ti + 1, 250, 333, 599):
+        want = int(bT + (b0 - bT) * (1 - (s - ti) / (T - tf - ti)) ** 3)
+        assert bs[s - 1] == (want, s % dt == 0)
+    assert all(b == (bT, True) for b in bs[T - tf:])      # final phase: mask every step
+    assert all(a[0] >= b[0] for a, b in zip(bs, bs[1:]))  # never increases
+    assert not any(m for _, m in bs[:ti])
+
+
+def test_schedule_guard_message():
+    with pytest.raises(ValueError, match="lower --ada_t_init or --ada_t_final"):
+        check_schedule(100, 60, 40)
+    _, layers = ada_model()
+    with pytest.raises(ValueError, match="T > t_init \\+ t_final"):
+        RankAllocator(layers, 6, total_steps=10, t_init=5, t_final=5, delta_t=1)
+
+
+def test_ema_by_hand():
+    model, layers = ada_model()
+    alloc = RankAllocator(layers, 6, total_steps=100, t_init=10, t_final=10, delta_t=5, beta1=0.8, beta2=0.7)
+    Ibar = [torch.zeros_like(p) for p in alloc.params]
+    Ubar = [torch.zeros_like(p) for p in alloc.params]
+    for seed in range(3):
+        for l in layers:
+            torch.nn.init.normal_(l.lora_E)  # so every entry has a gradient
+        model.zero_grad()
+        model(**tiny_batch(seed)).loss.backward()
+        alloc.update_ipt()
+        for i, p in enumerate(alloc.params):
+            I = (p * p.grad).abs()
+            Ibar[i] = 0.8 * Ibar[i] + 0.2 * I
+            Ubar[i] = 0.7 * Ubar[i] + 0.3 * (I - Ibar[i]).abs()
+            torch.testing.assert_close(alloc.ema_ipt[i], Ibar[i])
+            torch.testing.assert_close(alloc.ema_unc[i], Ubar[i])
+    s = [a * u for a, u in zip(Ibar, Ubar)]
+    M = len(layers)
+    want = torch.cat([s[M + m].view(-1) + s[m].mean(1) + s[2 * M + m].mean(0) for m in range(M)])
+    torch.testing.assert_close(alloc.triplet_scores(), want)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_masking_keeps_exactly_the_scheduled_number(ties):
+    _, layers = ada_model()
+    alloc = RankAllocator(layers, 6, total_steps=100, t_init=10, t_final=10, delta_t=5)
+    b0 = alloc.b0
+    if not ties:
+        for e in alloc.ema_ipt:
+            e.copy_(torch.rand_like(e))
+        for e in alloc.ema_unc:
+            e.fill_(1.0)
+    # with ties every score is 0: the official "<= threshold" would prune all; here exactly b stay
+    for b in (b0, b0 - 1, 17, 6, 1):
+        keep = alloc.mask_to_budget(b)
+        assert int(sum(k.sum() for k in keep)) == b
+    if not ties:  # the kept triplets are the b best
+        scores, keep = alloc.triplet_scores(), torch.cat(alloc.mask_to_budget(10)).view(-1)
+        assert scores[keep == 1].min() >= scores[keep == 0].max()
+
+
+def test_orthogonality_term_zero_for_orthonormal_and_gradcheck():
+    lin = torch.nn.Linear(8, 6).double()
+    layers = [AdaLoRALinear(lin, 3, 1.0).double()]
+    q_a, _ = torch.linalg.qr(torch.randn(8, 3, dtype=torch.double))
+    q_b, _ = torch.linalg.qr(torch.randn(6, 3, dtype=torch.double))
+    with torch.no_grad():
+        layers[0].lora_A.copy_(q_a.t())  # orthonormal rows
+        layers[0].lora_B.copy_(q_b)      # orthonormal columns
+    assert orth_regularizer(shape_groups(layers)).item() < 1e-12
+    a = torch.randn(3, 8, dtype=torch.double, requires_grad=True)
+    b = torch.randn(6, 3, dtype=torch.double, requires_grad=True)
+    want = (torch.linalg.norm(a @ a.t() - torch.eye(3, dtype=torch.double))
+            + torch.linalg.norm(b.t() @ b - torch.eye(3, dtype=torch.double))) / 2
+
+    def f(a, b):  # a stand-in layer holding plain tensors, so gradcheck can differentiate
+        return orth_regularizer([[SimpleNamespace(lora_A=a, lora_B=b)]])
+    torch.testing.assert_close(f(a, b), want)
+    assert torch.autograd.gradcheck(f, (a, b))
+
+
+def test_short_run_prunes_to_target_and_final_mask_is_frozen():
+    model, layers = ada_model(r=3)
+    M, T = len(layers), 40
+    alloc = RankAllocator(layers, b_target=M, total_steps=T, t_init=4, t_final=10, delta_t=2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(1, T + 1):
+        (model(**tiny_batch(step)).loss + 0.1 * alloc.orth_reg()).backward()
+        opt.step()
+        b = alloc.update_and_mask(step)
+        opt.zero_grad()
+        kept = sum(alloc.rank_pattern())  # masks applied so far
+        if step > T - 10:
+            assert b == M and kept == M
+            assert sum(int((l.lora_E != 0).sum()) for l in layers) == M  # E really zeroed
+            frozen = [k.clone() for k in alloc.keep]
+            assert all(torch.equal(a, b) for a, b in zip(frozen, alloc.final_keep))
+    assert alloc.calls == T and sum(alloc.rank_pattern()) == M

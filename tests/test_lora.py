@@ -1,0 +1,131 @@
+"""LoRA invariants: init = base, only adapters/head move, merge, injection, budget rule, save/load."""
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_batch, tiny_model
+from lora import (LoRALinear, count_base_params, freeze_base, inject, load_adapters, rank_for_budget,
+                  save_adapters, target_names)
+
+
+def lora_model(kind="bert", r=2, alpha=4.0):
+    model = tiny_model(kind)
+    layers = inject(model, lambda lin: LoRALinear(lin, r, alpha))
+    freeze_base(model)
+    return model, layers
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_init_output_equals_base_exactly(kind):
+    base, batch = tiny_model(kind), tiny_batch()
+    ref = base(**batch).logits
+    model, _ = lora_model(kind)
+    assert torch.equal(model(**batch).logits, ref)  # B = 0: not close, equal
+
+
+def test_init_matches_comment():
+    lin = torch.nn.Linear(50, 30)
+    layer = LoRALinear(lin, r=4, alpha=8)
+    assert torch.equal(layer.lora_B, torch.zeros(30, 4))
+    bound = 1 / math.sqrt(50)  # kaiming_uniform(a=√5): gain √(1/3) · √(3/fan_in)
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.8 * bound
+    assert layer.scaling == 2.0
+
+
+def test_one_step_moves_only_adapters_and_head():
+    model, _ = lora_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**tiny_batch()).loss.backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        moved = not torch.equal(p, before[n])
+        if "lora_A" in n or "classifier" in n or "lora_B" in n:
+            assert p.requires_grad
+            assert moved or "lora_A" in n, n  # A gets no gradient at step 0 (B = 0)
+        else:
+            assert not p.requires_grad and not moved, n  # base weights bit-identical
+
+
+def test_merge_idempotent_and_matches_unmerged():
+    model, layers = lora_model()
+    for l in layers.values():
+        torch.nn.init.normal_(l.lora_B)
+    batch = tiny_batch()
+    ref = model(**batch).logits
+    w0 = {n: l.base.weight.clone() for n, l in layers.items()}
+    for l in layers.values():
+        l.merge()
+        l.merge()  # second merge is a no-op
+    assert torch.allclose(model(**batch).logits, ref, atol=1e-5)
+    for n, l in layers.items():
+        assert torch.allclose(l.base.weight, w0[n] + l.delta_weight(), atol=1e-6)
+        l.unmerge()
+        l.unmerge()
+        assert torch.allclose(l.base.weight, w0[n], atol=1e-6)
+    assert torch.allclose(model(**batch).logits, ref, atol=1e-5)
+    model.eval(), model.train()  # train()/eval() never merge
+    assert not any(l.merged for l in layers.values())
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_injection_hits_exactly_the_six_matrices(kind):
+    model = tiny_model(kind)
+    names = target_names(model)
+    assert len(names) == 6 * 2
+    suffixes = sorted({n.split(".layer.0.", 1)[1] for n in names if ".layer.0." in n})
+    assert suffixes == sorted(["attention.self.query", "attention.self.key", "attention.self.value",
+                               "attention.output.dense", "intermediate.dense", "output.dense"])
+    layers = inject(model, lambda lin: LoRALinear(lin, 2, 4.0))
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert wrapped == set(names) == set(layers)
+    freeze_base(model)
+    n_adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert n_adapter == 2 * sum(l.base.in_features + l.base.out_features for l in layers.values())
+
+
+def test_budget_rule_on_roberta_base_shapes():
+    shapes = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]
+    shapes = shapes * 12
+    per_rank = sum(a + b for a, b in shapes)
+    assert per_rank == 165_888  # REFERENCE.md §4
+    n_base = 124_645_632
+    assert [rank_for_budget(b, n_base, shapes) for b in (0.1, 0.2, 0.5)] == [1, 2, 4]
+    with pytest.raises(ValueError, match="below half of rank 1"):
+        rank_for_budget(0.05, n_base, shapes)
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="must be > 0"):
+            rank_for_budget(bad, n_base, shapes)
+    with pytest.raises(ValueError, match="smallest matrix side"):
+        rank_for_budget(400, n_base, shapes)
+
+
+def test_budget_count_matches_formula_at_each_budget():
+    for budget in (10, 20, 40):
+        model = tiny_model()
+        n_base = count_base_params(model)
+        names = target_names(model)
+        shapes = [tuple(model.get_submodule(n).weight.shape) for n in names]
+        r = rank_for_budget(budget, n_base, shapes)
+        inject(model, lambda lin: LoRALinear(lin, r, 1.0))
+        n_adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        assert n_adapter == r * sum(a + b for a, b in shapes)
+        assert abs(100 * n_adapter / n_base - budget) <= 100 * sum(a + b for a, b in shapes) / n_base / 2
+
+
+def test_save_then_load_reproduces_outputs(tmp_path):
+    model, layers = lora_model()
+    for l in layers.values():
+        torch.nn.init.normal_(l.lora_B)
+    batch = tiny_batch()
+    ref = model(**batch).logits
+    save_adapters(model, tmp_path / "a.safetensors")
+    fresh, _ = lora_model()
+    assert not torch.allclose(fresh(**batch).logits, ref)
+    load_adapters(fresh, tmp_path / "a.safetensors")
+    assert torch.equal(fresh(**batch).logits, ref)
+    other, _ = lora_model(r=3)
+    with pytest.raises((ValueError, RuntimeError)):
+        load_adapters(other, tmp_path / "a.safetensors")
