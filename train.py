@@ -300,9 +300,10 @@ def train(cfg: Config) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: s / max(1, warm) if s < warm else
                                               max(0.0, (T - s) / max(1, T - warm)))
     info["n_trainable_params"] = sum(p.numel() for p in trainable)
-    print(f"{cfg.task} {cfg.method} budget {cfg.budget}%: rank {info['rank']} on {info['n_matrices']} matrices, "
-          f"{adapter_params(layers, ada):,} adapter params ({100 * adapter_params(layers, ada) / info['n_base_params']:.3f}%)"
-          f", {T} steps")
+    n0 = adapter_params(layers, None) if ada else adapter_params(layers, ada)  # AdaLoRA: before pruning
+    print(f"{cfg.task} {cfg.method} budget {cfg.budget}%: rank {info.get('ada_init_rank', info['rank'])} on "
+          f"{info['n_matrices']} matrices, {n0:,} adapter params ({100 * n0 / info['n_base_params']:.3f}%)"
+          + (f" pruned to total rank {ada.b_target}" if ada else "") + f", {T} steps")
     result["budget"] = info
     clock, step, bad_step = Clock(device), 0, torch.tensor(-1, device=device)
     penalty_log = []  # (step, task loss, penalty) at each readout
@@ -385,4 +386,5 @@ if __name__ == "__main__":
     except (ValueError, RuntimeError, FileNotFoundError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("interrupted: finished epochs are in the .partial.json result")
+        print("interrupted: finished epochs are in the .partial.json result", file=sys.stderr)
+        sys.exit(130)  # run_all.sh reads 130 as "stop the sweep"
