@@ -172,10 +172,10 @@ def build_method(cfg: Config, model, total_steps: int):
     return layers, ada, fw, info
 
 
-def adapter_params(layers: dict, ada) -> int:
-    """Adapter parameters that count: r(d_in + d_out) per LoRA matrix; kept triplets × (d_in + d_out + 1) for AdaLoRA."""
-    ranks = ada.rank_pattern() if ada else [l.r for l in layers.values()]
-    return sum(k * (l.base.in_features + l.base.out_features + (ada is not None))
+def adapter_params(layers: dict, ranks: list[int] | None = None) -> int:
+    """r(d_in + d_out) per LoRA matrix; an AdaLoRA triplet costs d_in + d_out + 1. ranks: kept ranks (AdaLoRA)."""
+    ranks = ranks or [l.r for l in layers.values()]
+    return sum(k * (l.base.in_features + l.base.out_features + hasattr(l, "lora_E"))
                for k, l in zip(ranks, layers.values()))
 
 
@@ -300,7 +300,7 @@ def train(cfg: Config) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: s / max(1, warm) if s < warm else
                                               max(0.0, (T - s) / max(1, T - warm)))
     info["n_trainable_params"] = sum(p.numel() for p in trainable)
-    n0 = adapter_params(layers, None) if ada else adapter_params(layers, ada)  # AdaLoRA: before pruning
+    n0 = adapter_params(layers)  # AdaLoRA: before pruning
     print(f"{cfg.task} {cfg.method} budget {cfg.budget}%: rank {info.get('ada_init_rank', info['rank'])} on "
           f"{info['n_matrices']} matrices, {n0:,} adapter params ({100 * n0 / info['n_base_params']:.3f}%)"
           + (f" pruned to total rank {ada.b_target}" if ada else "") + f", {T} steps")
@@ -342,7 +342,7 @@ def train(cfg: Config) -> dict:
         raise
     # results ------------------------------------------------------------------------------------------------
     metric = TASKS[cfg.task][1]
-    n_adapter = adapter_params(layers, ada)
+    n_adapter = adapter_params(layers, ada.rank_pattern() if ada else None)
     ms = clock.ms["step"][cfg.timing_skip:] or clock.ms["step"]
     result.update(status="ok", metric=metric, final=result["epochs"][-1][metric],
                   best=max(e[metric] for e in result["epochs"]))

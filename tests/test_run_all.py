@@ -7,10 +7,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def sweep(out, methods="lora fwlora", **popen):
+def sweep(out, methods="lora fwlora", overrides=(), **popen):
     env = os.environ | {"TASKS": "sst2", "BUDGETS": "0.5", "METHODS": methods, "OUT": str(out)}
-    return subprocess.Popen(["bash", "run_all.sh", "smoke"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(["bash", "run_all.sh", "smoke", *overrides], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
 def test_interrupt_then_resume_finishes_without_redoing(tmp_path, glue_dir):
@@ -37,3 +37,13 @@ def test_interrupt_then_resume_finishes_without_redoing(tmp_path, glue_dir):
     assert (tmp_path / "sst2_fwlora_b0.5_s0.json").exists()
     table = (tmp_path / "table.md").read_text()
     assert "| LoRA |" in table and "| FW-LoRA |" in table and "SST-2 acc 0.5%" in table
+
+
+def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path, glue_dir):
+    p = sweep(tmp_path, overrides=["--lr=1e30"])  # every run's loss becomes NaN
+    out = p.communicate(timeout=180)[0]
+    assert out.count("FAILED") == 2, out  # the first failure did not stop the sweep
+    for m in ("lora", "fwlora"):
+        assert (tmp_path / f"sst2_{m}_b0.5_s0.error.json").exists()
+        assert not (tmp_path / f"sst2_{m}_b0.5_s0.json").exists()
+    assert "no finished runs" in out
