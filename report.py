@@ -109,9 +109,8 @@ def figure(runs: list[dict], path: str) -> bool:
             ax.set_xlabel("layer")
             ax.set_title(f"{task.upper()}: {title}", fontsize=9)
             fig.colorbar(im, ax=ax)
-        ranks = [ada["adalora"]["rank_pattern"][k] for k in per]
-        imps = [per[k]["importance"] for k in per]
-        row[1].text(0, -0.9, f"Spearman ρ(AdaLoRA rank, I_m) = {spearman(ranks, imps):.2f}", fontsize=8)
+        rho = spearman([ada["adalora"]["rank_pattern"][k] for k in per], [per[k]["importance"] for k in per])
+        row[1].set_title(f"{task.upper()}: FW-LoRA importance I_m (Spearman ρ with AdaLoRA rank {rho:.2f})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
