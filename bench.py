@@ -14,8 +14,8 @@ import sys
 
 import torch
 
-from train import (Clock, Config, build_method, environment, load_model, parse_args, resolve_device, train_step,
-                   write_json)
+from train import (Clock, Config, autocast_for, build_method, environment, load_model, parse_args, resolve_device,
+                   train_step, write_json)
 
 # name -> (Config overrides, steps of Fisher warm-up before timing starts)
 VARIANTS = {
@@ -44,8 +44,7 @@ class Bench:
 def main(b: Bench) -> dict:
     device = resolve_device(b.device)
     name = b.model if b.model != "auto" else ("random-roberta-base" if device.type == "cuda" else "minilm")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else \
-        __import__("contextlib").nullcontext
+    autocast = autocast_for(device)
     torch.manual_seed(0)
     base, _ = load_model(name)
     g = torch.Generator().manual_seed(0)

@@ -84,10 +84,10 @@ def figure(runs: list[dict], path: str) -> bool:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    pick = {}
+    pick, seed0 = {}, min(r["config"]["seed"] for r in runs)
     for r in runs:
         c = r["config"]
-        if c["method"] in ("adalora", "fwlora") and c["seed"] == min(x["config"]["seed"] for x in runs):
+        if c["method"] in ("adalora", "fwlora") and c["seed"] == seed0:
             key = (c["task"], c["method"])
             if key not in pick or abs(c["budget"] - 0.2) < abs(pick[key]["config"]["budget"] - 0.2):
                 pick[key] = r
@@ -97,9 +97,11 @@ def figure(runs: list[dict], path: str) -> bool:
     fig, axes = plt.subplots(len(tasks), 3, figsize=(13, 3.2 * len(tasks)), squeeze=False)
     for row, task in zip(axes, tasks):
         ada, fw = pick[(task, "adalora")], pick[(task, "fwlora")]
-        per = fw["fw"]["per_matrix"]
-        panels = [(ada["adalora"]["rank_pattern"], f"AdaLoRA final rank (budget {ada['config']['budget']:g}%)", "viridis"),
-                  ({k: v["importance"] for k, v in per.items()}, "FW-LoRA importance I_m", "magma"),
+        per, ranks = fw["fw"]["per_matrix"], ada["adalora"]["rank_pattern"]
+        rho = spearman([ranks[k] for k in per], [per[k]["importance"] for k in per])
+        panels = [(ranks, f"AdaLoRA final rank (budget {ada['config']['budget']:g}%)", "viridis"),
+                  ({k: v["importance"] for k, v in per.items()},
+                   f"FW-LoRA importance I_m (Spearman ρ with AdaLoRA rank {rho:.2f})", "magma"),
                   ({k: v["weight"] for k, v in per.items()}, "FW-LoRA penalty weight 1 - I_m", "cividis")]
         for ax, (vals, title, cmap) in zip(row, panels):
             grid, n = matrix_grid(vals)
@@ -109,15 +111,15 @@ def figure(runs: list[dict], path: str) -> bool:
             ax.set_xlabel("layer")
             ax.set_title(f"{task.upper()}: {title}", fontsize=9)
             fig.colorbar(im, ax=ax)
-        rho = spearman([ada["adalora"]["rank_pattern"][k] for k in per], [per[k]["importance"] for k in per])
-        row[1].set_title(f"{task.upper()}: FW-LoRA importance I_m (Spearman ρ with AdaLoRA rank {rho:.2f})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
 
 
 def spearman(x: list[float], y: list[float]) -> float:
-    rank = lambda v: [sorted(v).index(a) + (sorted(v).count(a) - 1) / 2 for a in v]  # average ranks for ties
+    def rank(v):  # average ranks for ties
+        s = sorted(v)
+        return [s.index(a) + (s.count(a) - 1) / 2 for a in v]
     rx, ry = rank(x), rank(y)
     mx, my = statistics.mean(rx), statistics.mean(ry)
     cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))

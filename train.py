@@ -120,6 +120,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast_for(device: torch.device):
+    """A context factory: bf16 autocast on CUDA (master weights, adapters and statistics stay fp32), none on CPU."""
+    return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+
+
 def load_model(name: str, num_labels: int = 2):
     """(model, tokenizer) from a name, a local folder, or a random config (for speed and tests)."""
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
@@ -286,7 +291,7 @@ def train(cfg: Config) -> dict:
     result = {"config": dataclasses.asdict(cfg), "status": "running", "epochs": []}
     device = resolve_device(cfg.device)
     result["environment"] = environment(device)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    autocast = autocast_for(device)
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg.model)
     train_b, dev_b = make_batches(cfg.task, cfg.glue_dir, tok, cfg.max_length, cfg.batch_size,
