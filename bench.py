@@ -1,12 +1,19 @@
-"""Step-time benchmark: every method's training step on the same batches, as a ratio to plain LoRA.
+"""Speed: every method's training step, and whole training runs, as ratios to plain LoRA in one process.
 
     python bench.py                                  # CPU: MiniLM, a few minutes on 2 cores
     python bench.py --model=random-roberta-base      # GPU: roberta-base's exact shapes, CUDA events
+    python bench.py runs --methods=lora,fwlora,l2lora --task=sst2 --max_train=8000 --epochs=1 --lr=2e-3
+                                                     # whole runs (any train.py --field), step-interleaved
 
 Each variant gets its own copy of the same base model and the exact `train_step` that train.py runs.
 Variants take turns step by step (lora, fw-warm-up, ..., lora, ...) so machine noise hits all alike; the
 first `warmup` steps of each round are dropped; the table gives the median ms/step over all timed steps.
 Writes results/bench_<model>_<device>.json.
+
+`runs` trains each method exactly as train.py would (same seed, data, steps: prepare() + train_step()),
+but in one process and taking turns step by step, so the total training times are measured side by side
+and their ratio is not swamped by machine noise between separate runs. Each run is evaluated at the end,
+and its metric equals the standalone run's. Writes results/runs_<task>_b<budget>_<device>.json.
 """
 import copy
 import dataclasses
@@ -14,13 +21,14 @@ import sys
 
 import torch
 
-from train import (Clock, Config, autocast_for, build_method, environment, load_model, parse_args, resolve_device,
-                   train_step, write_json)
+from train import (Clock, Config, autocast_for, build_method, environment, evaluate, load_model, parse_args,
+                   prepare, resolve_device, train_step, write_json)
 
 # name -> (Config overrides, steps of Fisher warm-up before timing starts)
 VARIANTS = {
     "lora": dict(method="lora"),
-    "fwlora_warmup_probe": dict(method="fwlora", fw_estimator="probe", fw_warmup_steps=10**9),
+    "fwlora_warmup_probe16": dict(method="fwlora", fw_estimator="probe", fw_probes=16, fw_warmup_steps=10**9),
+    "fwlora_warmup_probe8": dict(method="fwlora", fw_estimator="probe", fw_probes=8, fw_warmup_steps=10**9),
     "fwlora_warmup_exact": dict(method="fwlora", fw_estimator="exact", fw_warmup_steps=10**9),
     "fwlora_penalised": dict(method="fwlora", fw_warmup_steps=1),  # frozen after one step: penalty every step
     "l2lora_penalised": dict(method="l2lora", fw_warmup_steps=1),
@@ -114,7 +122,7 @@ def fisher_check(model, batches, b: Bench, device, autocast) -> dict:
     model.to(device).train()
     layers = list(layers.values())
     proxies = {"exact": FisherProxy(layers, estimator="exact")} | {
-        f"probe{k}": FisherProxy(layers, estimator="probe", n_probes=k, seed=k) for k in (1, 8, 32)}
+        f"probe{k}": FisherProxy(layers, estimator="probe", n_probes=k, seed=k) for k in (1, 8, 16, 32)}
     for p in proxies.values():
         p.start()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -138,5 +146,61 @@ def fisher_check(model, batches, b: Bench, device, autocast) -> dict:
     return res
 
 
+def runs(cfg: Config, methods: list[str]) -> dict:
+    """Whole runs of `methods` (cfg otherwise shared), one step each in turn; total time ratios to the first."""
+    from tqdm import tqdm
+    from train import check_config
+    for m in methods:
+        check_config(dataclasses.replace(cfg, method=m))
+    runs, data = {}, None
+    for m in methods:  # each prepared exactly as train() prepares it; the tokenised data is shared
+        runs[m] = prepare(dataclasses.replace(cfg, method=m), data)
+        data = (runs[m].train_b, runs[m].dev_b)
+    first = runs[methods[0]]
+    clocks = {m: Clock(first.device) for m in methods}
+    step = 0
+    for epoch in range(cfg.epochs):
+        for batches in tqdm(zip(*(r.epoch(epoch) for r in runs.values())), total=len(first.train_b),
+                            desc=f"epoch {epoch + 1}", disable=None):
+            step += 1
+            for (m, r), batch in zip(runs.items(), batches):
+                train_step(r.model, batch, r.opt, r.sched, step, r.cfg, r.ada, r.fw, clocks[m], r.autocast)
+    table = {}
+    for m, r in runs.items():
+        clocks[m].collect()
+        ms = clocks[m].ms["step"]
+        row = {"train_ms_total": sum(ms), "buckets_ms_total": {k: sum(v) for k, v in clocks[m].ms.items()},
+               **evaluate(r.model, r.dev_b, r.device, r.autocast)}
+        if r.fw:  # the warm-up steps' cost against LoRA's same steps (same batches)
+            K = r.fw.warmup_steps
+            row.update(fw_warmup_steps=K, warmup_ms_total=sum(ms[:K]),
+                       warmup_step_ratio=sum(ms[:K]) / sum(clocks[methods[0]].ms["step"][:K]),
+                       penalised_step_ratio=sum(ms[K:]) / max(1e-9, sum(clocks[methods[0]].ms["step"][K:])))
+        table[m] = row
+    base = table[methods[0]]["train_ms_total"]
+    for row in table.values():
+        row["total_ratio"] = row["train_ms_total"] / base
+    out = {"config": dataclasses.asdict(cfg) | {"method": methods}, "steps": step,
+           "environment": environment(first.device), "runs": table}
+    print(f"\n{cfg.task}, budget {cfg.budget}%, {step} steps each, interleaved on "
+          f"{out['environment']['device_name']} ({first.device})")
+    print(f"| method | accuracy | MCC | train s | × {methods[0]} | warm-up steps × {methods[0]} |\n|---|---|---|---|---|---|")
+    for m, t in table.items():
+        warm = f"{t['warmup_step_ratio']:.3f} ({t['fw_warmup_steps']} steps)" if "fw_warmup_steps" in t else "-"
+        print(f"| {m} | {t['accuracy']:.4f} | {t['mcc']:.4f} | {t['train_ms_total'] / 1e3:.1f} | "
+              f"{t['total_ratio']:.3f} | {warm} |")
+    write_json(f"results/runs_{cfg.task}_b{cfg.budget}_{first.device.type}.json", out)
+    return out
+
+
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:], Bench, __doc__))
+    if sys.argv[1:2] == ["runs"]:
+        args = [a for a in sys.argv[2:] if not a.startswith("--methods=")]
+        methods = next((a.split("=", 1)[1] for a in sys.argv[2:] if a.startswith("--methods=")),
+                       "lora,fwlora,l2lora").split(",")
+        try:
+            runs(parse_args(args, Config, __doc__), methods)
+        except (ValueError, RuntimeError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+    else:
+        main(parse_args(sys.argv[1:], Bench, __doc__))

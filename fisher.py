@@ -38,7 +38,7 @@ def sq_grad_norm_probe(x: torch.Tensor, g: torch.Tensor, z: torch.Tensor) -> tor
 class FisherProxy:
     """EMA of ‖∇_{W_m} L‖_F² for every adapted (frozen) weight, collected by hooks during warm-up."""
 
-    def __init__(self, layers: list, alpha: float = 0.98, estimator: str = "probe", n_probes: int = 8,
+    def __init__(self, layers: list, alpha: float = 0.98, estimator: str = "probe", n_probes: int = 16,
                  seed: int = 0):
         if estimator not in ("exact", "probe"):
             raise ValueError(f"fw_estimator must be 'exact' or 'probe', got {estimator!r}")
@@ -121,7 +121,7 @@ class FWLoRA:
     """The method's schedule: Fisher warm-up for K steps, freeze I_m, then the weighted penalty."""
 
     def __init__(self, layers: list, lam: float, warmup_steps: int, alpha: float = 0.98,
-                 estimator: str = "probe", n_probes: int = 8, uniform: bool = False, form: str = "delta",
+                 estimator: str = "probe", n_probes: int = 16, uniform: bool = False, form: str = "delta",
                  seed: int = 0):
         if warmup_steps < 1:
             raise ValueError(f"FW-LoRA needs at least one warm-up step to score matrices, got {warmup_steps}")

@@ -57,10 +57,10 @@ class Config:
     # FW-LoRA (the hypothesis)
     fw_lambda: float = 1e-4       # λ of the penalty (hypothesis)
     fw_warmup_steps: int = 500    # K, Fisher warm-up steps (hypothesis: ~500) ...
-    fw_warmup_max_frac: float = 0.25  # ... capped at this fraction of T so short runs are mostly penalised
+    fw_warmup_max_frac: float = 0.1   # ... capped at this fraction of T (500 is 7.9% of a full SST-2 run)
     fw_alpha: float = 0.98        # EMA decay of ‖∇W‖² (hypothesis)
     fw_estimator: str = "probe"   # probe (unbiased, cheap) | exact (‖GᵀX‖² in full); see README for the choice
-    fw_probes: int = 8            # Rademacher probes per layer and step
+    fw_probes: int = 16           # Rademacher probes per layer and step (16: see README, Fisher estimator)
     fw_form: str = "delta"        # delta: ‖ΔW‖_F² (the text) | factors: ‖A‖²+‖B‖² (the sketch)
     # running
     device: str = "auto"          # auto | cpu | cuda
@@ -283,19 +283,38 @@ def train_step(model, batch, opt, sched, step, cfg, ada, fw, clock, autocast):
     return loss.detach(), task_loss
 
 
-def train(cfg: Config) -> dict:
-    """Train one (task, method, budget, seed); return the result dict that is also written as JSON."""
-    from data import TASKS, make_batches
-    check_config(cfg)
-    paths = result_paths(cfg)
-    result = {"config": dataclasses.asdict(cfg), "status": "running", "epochs": []}
+@dataclass
+class Run:
+    """One run's state before its first step: what train() loops over and bench.py interleaves."""
+    cfg: Config
+    device: torch.device
+    autocast: object
+    model: torch.nn.Module
+    train_b: object               # data.Batches
+    dev_b: object
+    layers: dict                  # name -> LoRALinear / AdaLoRALinear
+    ada: object                   # adalora.RankAllocator or None
+    fw: object                    # fisher.FWLoRA or None
+    info: dict                    # budget arithmetic
+    opt: torch.optim.Optimizer
+    sched: object
+    T: int                        # optimiser steps in the run
+
+    def epoch(self, epoch: int):
+        """The epoch's batches, on the device, in the run's seeded order."""
+        for batch in self.train_b.epoch(seed=self.cfg.seed * 1000 + epoch):
+            yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+
+def prepare(cfg: Config, data: tuple | None = None) -> Run:
+    """Seed, model, data, adapters, optimiser, schedule: the same cfg gives the same run, in any process.
+    data: (train, dev) Batches to reuse for the same model and task; making them draws no global RNG."""
+    from data import make_batches
     device = resolve_device(cfg.device)
-    result["environment"] = environment(device)
-    autocast = autocast_for(device)
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg.model)
-    train_b, dev_b = make_batches(cfg.task, cfg.glue_dir, tok, cfg.max_length, cfg.batch_size,
-                                  cfg.max_train, cfg.max_eval, cfg.seed)
+    train_b, dev_b = data or make_batches(cfg.task, cfg.glue_dir, tok, cfg.max_length, cfg.batch_size,
+                                          cfg.max_train, cfg.max_eval, cfg.seed)
     T = cfg.epochs * len(train_b)
     layers, ada, fw, info = build_method(cfg, model, T)
     model.to(device)
@@ -305,10 +324,23 @@ def train(cfg: Config) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: s / max(1, warm) if s < warm else
                                               max(0.0, (T - s) / max(1, T - warm)))
     info["n_trainable_params"] = sum(p.numel() for p in trainable)
+    return Run(cfg, device, autocast_for(device), model, train_b, dev_b, layers, ada, fw, info, opt, sched, T)
+
+
+def train(cfg: Config) -> dict:
+    """Train one (task, method, budget, seed); return the result dict that is also written as JSON."""
+    from data import TASKS
+    check_config(cfg)
+    paths = result_paths(cfg)
+    result = {"config": dataclasses.asdict(cfg), "status": "running", "epochs": []}
+    run = prepare(cfg)
+    model, layers, ada, fw, info, device, autocast = (run.model, run.layers, run.ada, run.fw, run.info,
+                                                      run.device, run.autocast)
+    result["environment"] = environment(device)
     n0 = adapter_params(layers)  # AdaLoRA: before pruning
     print(f"{cfg.task} {cfg.method} budget {cfg.budget}%: rank {info.get('ada_init_rank', info['rank'])} on "
           f"{info['n_matrices']} matrices, {n0:,} adapter params ({100 * n0 / info['n_base_params']:.3f}%)"
-          + (f" pruned to total rank {ada.b_target}" if ada else "") + f", {T} steps")
+          + (f" pruned to total rank {ada.b_target}" if ada else "") + f", {run.T} steps")
     result["budget"] = info
     clock, step, bad_step = Clock(device), 0, torch.tensor(-1, device=device)
     penalty_log = []  # (step, task loss, penalty) at each readout
@@ -317,12 +349,10 @@ def train(cfg: Config) -> dict:
         for epoch in range(cfg.epochs):
             model.train()
             loss_sum, n_loss = torch.zeros((), device=device), 0
-            bar = tqdm(train_b.epoch(seed=cfg.seed * 1000 + epoch), total=len(train_b), desc=f"epoch {epoch + 1}",
-                       leave=False, disable=None)
-            for batch in bar:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # outside the clock
+            bar = tqdm(run.epoch(epoch), total=len(run.train_b), desc=f"epoch {epoch + 1}", leave=False, disable=None)
+            for batch in bar:  # (moved to the device outside the clock)
                 step += 1
-                loss, task_loss = train_step(model, batch, opt, sched, step, cfg, ada, fw, clock, autocast)
+                loss, task_loss = train_step(model, batch, run.opt, run.sched, step, cfg, ada, fw, clock, autocast)
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)  # no sync
                 loss_sum += task_loss
                 n_loss += 1
@@ -333,7 +363,7 @@ def train(cfg: Config) -> dict:
                         penalty_log.append((step, task_loss.item(), (loss - task_loss).item()))
             check_finite(bad_step)
             clock.collect()
-            metrics = evaluate(model, dev_b, device, autocast)
+            metrics = evaluate(model, run.dev_b, device, autocast)
             result["epochs"].append({"epoch": epoch + 1, "train_loss": loss_sum.item() / n_loss, **metrics,
                                      "steps": step})
             print(f"epoch {epoch + 1}: train loss {loss_sum.item() / n_loss:.4f}  dev accuracy "

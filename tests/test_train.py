@@ -12,7 +12,8 @@ from train import Config, parse_args, train
 def tiny(tmp_path, glue, **kw):
     """tiny-bert (hidden 32, FFN 64, 2 layers: 896 adapter parameters per unit of rank) on capped SST-2."""
     base = dict(model="tiny-bert", task="sst2", glue_dir=glue, max_train=256, max_eval=64, epochs=2,
-                lr=2e-3, budget=0.5, out_dir=str(tmp_path), log_every=4)
+                lr=2e-3, budget=0.5, out_dir=str(tmp_path), log_every=4,
+                fw_warmup_max_frac=0.5)  # 16 steps: let the Fisher warm-up last a few of them
     return Config(**(base | kw))
 
 
@@ -70,6 +71,14 @@ def test_fwlora_with_zero_lambda_follows_lora_exactly(tmp_path, glue_dir):
     fw = train(tiny(tmp_path, glue_dir, method="fwlora", fw_lambda=0.0, fw_warmup_steps=3))
     assert fw["budget"]["fw_warmup_steps"] == 3 and fw["fw"]["penalty_log"]  # the penalty path ran
     assert fw["epochs"] == lora["epochs"]  # identical losses and metrics, bit for bit
+
+
+@pytest.mark.parametrize("T, K", [(250, 25), (804, 80), (6315, 500), (5, 1)])
+def test_fisher_warmup_length_rule(T, K):
+    from conftest import tiny_model
+    from train import build_method
+    _, _, fw, info = build_method(Config(method="fwlora", budget=50.0), tiny_model(), T)
+    assert fw.warmup_steps == info["fw_warmup_steps"] == K  # min(500, 10% of T), at least 1
 
 
 def test_exactly_one_backward_per_step(tmp_path, glue_dir, monkeypatch):
