@@ -67,6 +67,26 @@ def tables(runs: list[dict]) -> str:
     return "\n".join(out)
 
 
+def ablation(runs: list[dict]) -> str:
+    """FW-LoRA against the uniform-L2 ablation, cell by cell: does the Fisher weighting change anything?"""
+    by = {(r["config"]["method"], r["config"]["task"], r["config"]["budget"], r["config"]["seed"]): r for r in runs}
+    rows = []
+    for (m, t, b, s), fw in sorted(by.items(), key=lambda kv: (kv[0][1] != "sst2", kv[0][2], kv[0][3])):
+        l2 = by.get(("l2lora", t, b, s))
+        if m != "fwlora" or not l2:
+            continue
+        pf, pl = fw["fw"]["per_matrix"], l2["fw"]["per_matrix"]
+        rel = [abs(pf[k]["delta_w_fro"] - pl[k]["delta_w_fro"]) / pl[k]["delta_w_fro"] for k in pf]
+        rows.append(f"| {t} {b:g}% s{s} | {100 * fw['final']:.2f} | {100 * l2['final']:.2f} | "
+                    f"{fw['fw']['weight_min']:.3f}-{fw['fw']['weight_max']:.4f} | "
+                    f"{100 * statistics.median(rel):.2f}% / {100 * max(rel):.2f}% |")
+    if not rows:
+        return ""
+    return "\n".join(["", "", "FW-LoRA vs the uniform-L2 ablation (same λ, same code; only the weights differ):", "",
+                      "| run | FW-LoRA ×100 | uniform L2 ×100 | FW weights 1 − I_m | final ‖ΔW_m‖_F differ, median / max |",
+                      "|---|---|---|---|---|", *rows])
+
+
 def matrix_grid(names_values: dict) -> tuple[list[list[float]], int]:
     """{module name: value} -> 6 × n_layers grid (rows: q, k, v, attn out, FFN in, FFN out)."""
     grid = defaultdict(dict)
@@ -134,7 +154,7 @@ def main(folder: str) -> str:
     c = runs[0]["config"]
     env = runs[0]["environment"]
     text = (f"# Results: {folder}\n\nModel `{c['model']}`, {len(runs)} finished runs, device {env['device']} "
-            f"({env['device_name']}, {env['threads']} threads).\n\n" + tables(runs))
+            f"({env['device_name']}, {env['threads']} threads).\n\n" + tables(runs) + ablation(runs))
     failed = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.error.json")))
     if failed:
         text += "\n\nFailed runs (see their .error.json and .log): " + ", ".join(failed)

@@ -47,3 +47,15 @@ def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path, glue_dir):
         assert (tmp_path / f"sst2_{m}_b0.5_s0.error.json").exists()
         assert not (tmp_path / f"sst2_{m}_b0.5_s0.json").exists()
     assert "no finished runs" in out
+
+
+def test_report_compares_fwlora_with_its_ablation_cell_by_cell():
+    from report import ablation
+
+    def run(method, final, norms):
+        return {"config": {"method": method, "task": "sst2", "budget": 0.2, "seed": 0}, "final": final,
+                "fw": {"per_matrix": {k: {"delta_w_fro": v} for k, v in zip("ab", norms)},
+                       "weight_min": 0.9, "weight_max": 0.99}}
+    text = ablation([run("fwlora", 0.8, [1.0, 2.0]), run("l2lora", 0.79, [1.0, 2.2]), run("lora", 0.7, [])])
+    assert "| sst2 0.2% s0 | 80.00 | 79.00 | 0.900-0.9900 | 4.55% / 9.09% |" in text  # |2 - 2.2| / 2.2
+    assert ablation([run("fwlora", 0.8, [1.0])]) == ""  # no ablation run: no table
