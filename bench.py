@@ -12,8 +12,8 @@ Writes results/bench_<model>_<device>.json.
 
 `runs` trains each method exactly as train.py would (same seed, data, steps: prepare() + train_step()),
 but in one process and taking turns step by step, so the total training times are measured side by side
-and their ratio is not swamped by machine noise between separate runs. Each run is evaluated at the end,
-and its metric equals the standalone run's. Writes results/runs_<task>_b<budget>_<device>.json.
+and their ratio is not swamped by machine noise between separate runs. Each run keeps its own RNG stream
+(dropout), so each is evaluated at the end with the same metric as the standalone run. Writes results/runs_<task>_b<budget>_<device>.json.
 """
 import copy
 import dataclasses
@@ -146,30 +146,47 @@ def fisher_check(model, batches, b: Bench, device, autocast) -> dict:
     return res
 
 
+def rng_state(device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_rng_state(state: tuple, device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 def runs(cfg: Config, methods: list[str]) -> dict:
     """Whole runs of `methods` (cfg otherwise shared), one step each in turn; total time ratios to the first."""
     from tqdm import tqdm
     from train import check_config
     for m in methods:
         check_config(dataclasses.replace(cfg, method=m))
-    runs, data = {}, None
+    runs, rng, data = {}, {}, None
     for m in methods:  # each prepared exactly as train() prepares it; the tokenised data is shared
         runs[m] = prepare(dataclasses.replace(cfg, method=m), data)
         data = (runs[m].train_b, runs[m].dev_b)
+        rng[m] = rng_state(runs[m].device)  # where train() would start drawing dropout masks
     first = runs[methods[0]]
     clocks = {m: Clock(first.device) for m in methods}
     step = 0
     for epoch in range(cfg.epochs):
+        loss_sum = {m: torch.zeros((), device=first.device) for m in methods}  # as train() sums it
         for batches in tqdm(zip(*(r.epoch(epoch) for r in runs.values())), total=len(first.train_b),
                             desc=f"epoch {epoch + 1}", disable=None):
             step += 1
             for (m, r), batch in zip(runs.items(), batches):
-                train_step(r.model, batch, r.opt, r.sched, step, r.cfg, r.ada, r.fw, clocks[m], r.autocast)
+                # Each run draws its dropout masks from its own RNG stream, as it would alone (outside the clock).
+                set_rng_state(rng[m], r.device)
+                _, task_loss = train_step(r.model, batch, r.opt, r.sched, step, r.cfg, r.ada, r.fw, clocks[m],
+                                          r.autocast)
+                rng[m] = rng_state(r.device)
+                loss_sum[m] += task_loss
     table = {}
     for m, r in runs.items():
         clocks[m].collect()
         ms = clocks[m].ms["step"]
-        row = {"train_ms_total": sum(ms), "buckets_ms_total": {k: sum(v) for k, v in clocks[m].ms.items()},
+        row = {"train_loss": loss_sum[m].item() / len(first.train_b), "train_ms_total": sum(ms), "buckets_ms_total": {k: sum(v) for k, v in clocks[m].ms.items()},
                **evaluate(r.model, r.dev_b, r.device, r.autocast)}
         if r.fw:  # the warm-up steps' cost against LoRA's same steps (same batches)
             K = r.fw.warmup_steps
@@ -184,10 +201,11 @@ def runs(cfg: Config, methods: list[str]) -> dict:
            "environment": environment(first.device), "runs": table}
     print(f"\n{cfg.task}, budget {cfg.budget}%, {step} steps each, interleaved on "
           f"{out['environment']['device_name']} ({first.device})")
-    print(f"| method | accuracy | MCC | train s | × {methods[0]} | warm-up steps × {methods[0]} |\n|---|---|---|---|---|---|")
+    print(f"| method | train loss | accuracy | MCC | train s | × {methods[0]} | warm-up steps × {methods[0]} |")
+    print("|---|---|---|---|---|---|---|")
     for m, t in table.items():
         warm = f"{t['warmup_step_ratio']:.3f} ({t['fw_warmup_steps']} steps)" if "fw_warmup_steps" in t else "-"
-        print(f"| {m} | {t['accuracy']:.4f} | {t['mcc']:.4f} | {t['train_ms_total'] / 1e3:.1f} | "
+        print(f"| {m} | {t['train_loss']:.4f} | {t['accuracy']:.4f} | {t['mcc']:.4f} | {t['train_ms_total'] / 1e3:.1f} | "
               f"{t['total_ratio']:.3f} | {warm} |")
     write_json(f"results/runs_{cfg.task}_b{cfg.budget}_{first.device.type}.json", out)
     return out
