@@ -13,7 +13,8 @@ Writes results/bench_<model>_<device>.json.
 `runs` trains each method exactly as train.py would (same seed, data, steps: prepare() + train_step()),
 but in one process and taking turns step by step, so the total training times are measured side by side
 and their ratio is not swamped by machine noise between separate runs. Each run keeps its own RNG stream
-(dropout), so each is evaluated at the end with the same metric as the standalone run. Writes results/runs_<task>_b<budget>_<device>.json.
+(dropout), so each ends with the same train loss and metric as the standalone run.
+Writes results/runs_<task>_b<budget>_<device>.json.
 """
 import copy
 import dataclasses
@@ -186,7 +187,8 @@ def runs(cfg: Config, methods: list[str]) -> dict:
     for m, r in runs.items():
         clocks[m].collect()
         ms = clocks[m].ms["step"]
-        row = {"train_loss": loss_sum[m].item() / len(first.train_b), "train_ms_total": sum(ms), "buckets_ms_total": {k: sum(v) for k, v in clocks[m].ms.items()},
+        row = {"train_loss": loss_sum[m].item() / len(first.train_b), "train_ms_total": sum(ms),
+               "buckets_ms_total": {k: sum(v) for k, v in clocks[m].ms.items()},
                **evaluate(r.model, r.dev_b, r.device, r.autocast)}
         if r.fw:  # the warm-up steps' cost against LoRA's same steps (same batches)
             K = r.fw.warmup_steps
@@ -205,7 +207,8 @@ def runs(cfg: Config, methods: list[str]) -> dict:
     print("|---|---|---|---|---|---|---|")
     for m, t in table.items():
         warm = f"{t['warmup_step_ratio']:.3f} ({t['fw_warmup_steps']} steps)" if "fw_warmup_steps" in t else "-"
-        print(f"| {m} | {t['train_loss']:.4f} | {t['accuracy']:.4f} | {t['mcc']:.4f} | {t['train_ms_total'] / 1e3:.1f} | "
+        print(f"| {m} | {t['train_loss']:.4f} | {t['accuracy']:.4f} | {t['mcc']:.4f} | "
+              f"{t['train_ms_total'] / 1e3:.1f} | "
               f"{t['total_ratio']:.3f} | {warm} |")
     write_json(f"results/runs_{cfg.task}_b{cfg.budget}_{first.device.type}.json", out)
     return out

@@ -83,7 +83,8 @@ def ablation(runs: list[dict]) -> str:
     if not rows:
         return ""
     return "\n".join(["", "", "FW-LoRA vs the uniform-L2 ablation (same λ, same code; only the weights differ):", "",
-                      "| run | FW-LoRA ×100 | uniform L2 ×100 | FW weights 1 − I_m | final ‖ΔW_m‖_F differ, median / max |",
+                      "| run | FW-LoRA ×100 | uniform L2 ×100 | FW weights 1 − I_m "
+                      "| final ‖ΔW_m‖_F differ, median / max |",
                       "|---|---|---|---|---|", *rows])
 
 
