@@ -136,7 +136,7 @@ def load_model(name: str, num_labels: int = 2):
             vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=64, num_labels=num_labels)
         cls = RobertaForSequenceClassification if name == "random-roberta-base" else BertForSequenceClassification
-        return cls(cfg), AutoTokenizer.from_pretrained(minilm)
+        return cls(cfg).eval(), AutoTokenizer.from_pretrained(minilm)  # eval, as from_pretrained leaves a model
     path = minilm if name == "minilm" else name
     try:
         return (AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels),
@@ -301,7 +301,8 @@ class Run:
     T: int                        # optimiser steps in the run
 
     def epoch(self, epoch: int):
-        """The epoch's batches, on the device, in the run's seeded order."""
+        """Train mode (dropout on), then the epoch's batches, on the device, in the run's seeded order."""
+        self.model.train()
         for batch in self.train_b.epoch(seed=self.cfg.seed * 1000 + epoch):
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
@@ -347,7 +348,6 @@ def train(cfg: Config) -> dict:
     try:
         from tqdm import tqdm
         for epoch in range(cfg.epochs):
-            model.train()
             loss_sum, n_loss = torch.zeros((), device=device), 0
             bar = tqdm(run.epoch(epoch), total=len(run.train_b), desc=f"epoch {epoch + 1}", leave=False, disable=None)
             for batch in bar:  # (moved to the device outside the clock)
