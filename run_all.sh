@@ -2,7 +2,7 @@
 # Reproduce the comparison table: tasks × budgets × seeds × methods, one train.py run each, then report.py.
 #
 #   bash run_all.sh                  # paper profile if a GPU and roberta-base are at hand, else the CPU profile
-#   bash run_all.sh cpu              # offline: MiniLM, local GLUE, capped data, 1 seed (~75 min on 2 cores)
+#   bash run_all.sh cpu              # offline: MiniLM, local GLUE, capped data, 1 seed (~60-75 min on 2 cores)
 #   bash run_all.sh paper --lr=3e-4  # any train.py Config field overrides the profile for the whole sweep
 #   bash run_all.sh smoke            # tiny random model, a couple of minutes: checks the plumbing (tests use it)
 #
