@@ -163,29 +163,31 @@ def runs(cfg: Config, methods: list[str]) -> dict:
     from train import check_config
     for m in methods:
         check_config(dataclasses.replace(cfg, method=m))
-    runs, rng, data = {}, {}, None
+    prepared, rng, data = {}, {}, None
     for m in methods:  # each prepared exactly as train() prepares it; the tokenised data is shared
-        runs[m] = prepare(dataclasses.replace(cfg, method=m), data)
-        data = (runs[m].train_b, runs[m].dev_b)
-        rng[m] = rng_state(runs[m].device)  # where train() would start drawing dropout masks
-    first = runs[methods[0]]
+        prepared[m] = prepare(dataclasses.replace(cfg, method=m), data)
+        data = (prepared[m].train_b, prepared[m].dev_b)
+        rng[m] = rng_state(prepared[m].device)  # where train() would start drawing dropout masks
+    first = prepared[methods[0]]
     clocks = {m: Clock(first.device) for m in methods}
     step = 0
     for epoch in range(cfg.epochs):
         loss_sum = {m: torch.zeros((), device=first.device) for m in methods}  # as train() sums it
-        for batches in tqdm(zip(*(r.epoch(epoch) for r in runs.values())), total=len(first.train_b),
+        for batches in tqdm(zip(*(r.epoch(epoch) for r in prepared.values())), total=len(first.train_b),
                             desc=f"epoch {epoch + 1}", disable=None):
             step += 1
-            for (m, r), batch in zip(runs.items(), batches):
+            for (m, r), batch in zip(prepared.items(), batches):
                 # Each run draws its dropout masks from its own RNG stream, as it would alone (outside the clock).
                 set_rng_state(rng[m], r.device)
                 _, task_loss = train_step(r.model, batch, r.opt, r.sched, step, r.cfg, r.ada, r.fw, clocks[m],
                                           r.autocast)
                 rng[m] = rng_state(r.device)
                 loss_sum[m] += task_loss
+    for clock in clocks.values():
+        clock.collect()
+    base_ms = clocks[methods[0]].ms["step"]
     table = {}
-    for m, r in runs.items():
-        clocks[m].collect()
+    for m, r in prepared.items():
         ms = clocks[m].ms["step"]
         row = {"train_loss": loss_sum[m].item() / len(first.train_b), "train_ms_total": sum(ms),
                "buckets_ms_total": {k: sum(v) for k, v in clocks[m].ms.items()},
@@ -193,12 +195,11 @@ def runs(cfg: Config, methods: list[str]) -> dict:
         if r.fw:  # the warm-up steps' cost against LoRA's same steps (same batches)
             K = r.fw.warmup_steps
             row.update(fw_warmup_steps=K, warmup_ms_total=sum(ms[:K]),
-                       warmup_step_ratio=sum(ms[:K]) / sum(clocks[methods[0]].ms["step"][:K]),
-                       penalised_step_ratio=sum(ms[K:]) / max(1e-9, sum(clocks[methods[0]].ms["step"][K:])))
+                       warmup_step_ratio=sum(ms[:K]) / sum(base_ms[:K]),
+                       penalised_step_ratio=sum(ms[K:]) / max(1e-9, sum(base_ms[K:])))
         table[m] = row
-    base = table[methods[0]]["train_ms_total"]
     for row in table.values():
-        row["total_ratio"] = row["train_ms_total"] / base
+        row["total_ratio"] = row["train_ms_total"] / sum(base_ms)
     out = {"config": dataclasses.asdict(cfg) | {"method": methods}, "steps": step,
            "environment": environment(first.device), "runs": table}
     print(f"\n{cfg.task}, budget {cfg.budget}%, {step} steps each, interleaved on "
@@ -208,8 +209,7 @@ def runs(cfg: Config, methods: list[str]) -> dict:
     for m, t in table.items():
         warm = f"{t['warmup_step_ratio']:.3f} ({t['fw_warmup_steps']} steps)" if "fw_warmup_steps" in t else "-"
         print(f"| {m} | {t['train_loss']:.4f} | {t['accuracy']:.4f} | {t['mcc']:.4f} | "
-              f"{t['train_ms_total'] / 1e3:.1f} | "
-              f"{t['total_ratio']:.3f} | {warm} |")
+              f"{t['train_ms_total'] / 1e3:.1f} | {t['total_ratio']:.3f} | {warm} |")
     write_json(f"results/runs_{cfg.task}_b{cfg.budget}_{first.device.type}.json", out)
     return out
 
