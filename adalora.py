@@ -7,9 +7,14 @@
   loss += γ · mean over A and B of ‖AAᵀ - I‖_F, ‖BᵀB - I‖_F   (not squared, every step)       (eq. 4)
 
 Where the paper and the official code differ, this follows the code (and says so where it happens).
-peft calls t_init/t_final/delta_t `tinit`/`tfinal`/`deltaT`. One deliberate change: the official mask
-zeroes every triplet whose score is <= the k-th smallest, so ties (e.g. all-zero scores) prune more than
-scheduled; here ties are broken by position and exactly b(t) triplets stay.
+peft calls t_init/t_final/delta_t `tinit`/`tfinal`/`deltaT`.
+Step index: the official trainer calls the allocator with HF's `global_step` *before* incrementing it, the
+number of optimiser steps completed before this one (0 on the first step); so does peft's example. Every
+`step` in this file is that count: with t_init = 6 and delta_t = 4 the first mask falls on the 9th step.
+One deliberate change: the official mask zeroes every triplet whose score is <= the k-th smallest, so tied
+scores prune more than scheduled; here ties are broken by position and exactly b(t) triplets stay. Scores
+are read after an EMA update that used the stepped E, so in normal training no two are equal; ties need
+exactly-zero gradients (e.g. a matrix that no example reached), and only then does this differ.
 Speed: the score EMAs are a handful of multi-tensor (torch._foreach_*) ops over every A, E, B at once;
 the ranking runs only on masking steps, and in the final phase (frozen scores) the mask is cached.
 Tests: `python -m pytest tests/test_adalora.py`.
@@ -28,9 +33,14 @@ class AdaLoRALinear(LoRALinear):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__(base, r, alpha, dropout)  # scaling = alpha / r_init, never rescaled (official)
-        self.lora_E = nn.Parameter(torch.zeros(r, 1, device=base.weight.device))  # r × 1, starts at 0
+        self.lora_E = nn.Parameter(torch.zeros_like(self.lora_A[:, :1]))  # r × 1, starts at 0
         nn.init.normal_(self.lora_A, mean=0.0, std=0.02)  # official init, unlike LoRA's
         nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
+
+    @property
+    def params_per_rank(self) -> int:
+        """A triplet: a row of A, a column of B and one entry of E."""
+        return super().params_per_rank + 1
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B.float() @ (self.lora_A.float() * self.lora_E.float()))
@@ -55,16 +65,23 @@ def orth_regularizer(groups: list[list]) -> torch.Tensor:
     return total / n
 
 
-def check_schedule(total_steps: int, t_init: int, t_final: int) -> None:
+def check_schedule(total_steps: int, t_init: int, t_final: int, delta_t: int) -> None:
+    """Fail before training on a schedule that has no decreasing phase or cannot end at the target budget."""
     if total_steps <= t_init + t_final:
         raise ValueError(f"AdaLoRA needs total steps T > t_init + t_final, got T={total_steps}, "
                          f"t_init={t_init}, t_final={t_final}: lower --ada_t_init or --ada_t_final "
                          f"(or train longer) so a budget-decreasing phase exists")
+    last = total_steps - 1  # the last step's index (steps completed before it)
+    in_final_phase, target_reached = last > total_steps - t_final, last == total_steps - t_final
+    if not (in_final_phase or (target_reached and last % delta_t == 0)):
+        raise ValueError(f"AdaLoRA's last step (index {last}) would not mask to the target budget with "
+                         f"T={total_steps}, t_final={t_final}, delta_t={delta_t}: raise --ada_t_final to "
+                         f"at least 2 (or train longer) so the run ends at exactly its target rank")
 
 
 def budget_schedule(step: int, b0: int, b_target: int, total_steps: int, t_init: int, t_final: int,
                     delta_t: int) -> tuple[int, bool]:
-    """(total rank b(t), mask now?) after `step` optimiser steps (1-based); the official code's form.
+    """(total rank b(t), mask now?) at `step` = optimiser steps completed before this one (official).
 
     The paper prints an extra t_final in the numerator of the cubic; the code's form reaches b_target
     exactly at T - t_final and is used here.
@@ -80,9 +97,9 @@ def budget_schedule(step: int, b0: int, b_target: int, total_steps: int, t_init:
 class RankAllocator:
     """Importance EMAs over every A, E, B entry, and the global top-b(t) triplet mask on E."""
 
-    def __init__(self, layers: list, b_target: int, total_steps: int, t_init: int, t_final: int,
+    def __init__(self, layers: list, *, b_target: int, total_steps: int, t_init: int, t_final: int,
                  delta_t: int, beta1: float = 0.85, beta2: float = 0.85):
-        check_schedule(total_steps, t_init, t_final)
+        check_schedule(total_steps, t_init, t_final, delta_t)
         self.layers, self.M = layers, len(layers)
         self.ranks0 = [l.r for l in layers]
         self.b0 = sum(self.ranks0)
@@ -91,6 +108,7 @@ class RankAllocator:
         self.b_target, self.T, self.t_init, self.t_final, self.delta_t = b_target, total_steps, t_init, t_final, delta_t
         self.beta1, self.beta2 = beta1, beta2
         self.params = [l.lora_A for l in layers] + [l.lora_E for l in layers] + [l.lora_B for l in layers]
+        # State is created like the parameters it serves (device, dtype): build it after the model's move.
         self.ema_ipt = [torch.zeros_like(p) for p in self.params]  # Ī
         self.ema_unc = [torch.zeros_like(p) for p in self.params]  # Ū
         self.keep = [torch.ones_like(l.lora_E) for l in layers]     # last mask applied (1 = kept)
@@ -124,15 +142,16 @@ class RankAllocator:
     def mask_to_budget(self, b: int) -> list[torch.Tensor]:
         """Keep exactly the b best triplets (ties broken by position); zero E elsewhere."""
         order = torch.argsort(self.triplet_scores(), stable=True)  # ascending
-        keep = torch.ones(self.b0, device=order.device)
+        keep = torch.ones(self.b0, device=order.device, dtype=self.keep[0].dtype)
         keep[order[: self.b0 - b]] = 0.0
         return [k.view(-1, 1) for k in keep.split(self.ranks0)]
 
     @torch.no_grad()
     def update_and_mask(self, step: int) -> int:
-        """Call once per optimiser step, after optimizer.step() and the scheduler, before zero_grad."""
+        """Call once per optimiser step, after optimizer.step() and the lr update, before zero_grad, with
+        `step` = steps completed before this one (the official trainer's global_step)."""
         self.calls += 1
-        if step <= self.T - self.t_final:  # scores frozen during the final phase (official)
+        if step < self.T - self.t_final:  # the EMAs see steps 1 … T - t_final; frozen after (official)
             self.update_ipt()
         b, mask_now = budget_schedule(step, self.b0, self.b_target, self.T, self.t_init, self.t_final, self.delta_t)
         if mask_now:
@@ -150,6 +169,6 @@ class RankAllocator:
         return [int(k.sum().item()) for k in self.keep]
 
 
-def ada_ranks(r_target: int, init_ratio: float) -> int:
+def ada_initial_rank(r_target: int, init_ratio: float) -> int:
     """Initial rank per matrix: about init_ratio × the target average (paper: b0 ≈ 1.5·bT)."""
     return max(r_target + 1, math.ceil(init_ratio * r_target))

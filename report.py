@@ -1,32 +1,217 @@
-"""Turn a folder of run results into the comparison table (markdown) and the rank/importance figure (PNG).
+"""The results: one JSON per run (its name, its paths, atomic writes, the summary train.py records), the
+sweep's plan (which runs a folder already holds), and the comparison table (markdown) and figure (PNG).
 
     python report.py results/cpu        # writes results/cpu/table.md and results/cpu/figure.png, prints the table
+    ... | python report.py plan OUT     # run_all.sh: one line of train.py arguments per run in, a plan out
 
 Cells are the final epoch's dev metric (accuracy for SST-2, Matthews correlation for CoLA) as
 mean ± std over seeds with n; no epoch is picked on dev. Time is the training-step time (CUDA events or
 perf_counter, evaluation excluded) as a ratio to LoRA's run with the same task, budget and seed.
 """
+import dataclasses
 import glob
 import json
 import os
+import platform
+import resource
 import statistics
+import subprocess
 import sys
+import time
 from collections import defaultdict
+from contextlib import contextmanager
+from types import SimpleNamespace
 
-METHODS = ("lora", "adalora", "fwlora", "l2lora")
+import torch
+
+from data import TASKS
+from lora import adapter_params
+
 NAMES = {"lora": "LoRA", "adalora": "AdaLoRA", "fwlora": "FW-LoRA", "l2lora": "uniform L2 (ablation)"}
+METHODS = tuple(NAMES)  # the one list of methods: train.py, run_all.sh and the tables take it from here
+# Config fields that cannot change a result: a finished run is reused whatever they were.
+IGNORED = ("out_dir", "log_every", "timing_skip", "save_adapters", "overwrite")
 MATRICES = ("query", "key", "value", "attn.out", "ffn.in", "ffn.out")
 
 
-def load(folder: str) -> list[dict]:
-    runs = []
-    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
-        if path.endswith((".partial.json", ".error.json")) or os.path.basename(path).startswith("bench"):
-            continue
+# Writing: one JSON per run ------------------------------------------------------------------------------
+
+def run_name(cfg) -> str:
+    """The one run-name formula (train.py's files, run_all.sh's resume, bench.py's output)."""
+    return f"{cfg.task}_{cfg.method}_b{cfg.budget:g}_s{cfg.seed}"
+
+
+def metrics(preds: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Accuracy and Matthews correlation (0 when a class is never predicted, as scikit-learn gives)."""
+    p, y = preds.long(), labels.long()
+    tp, tn = int(((p == 1) & (y == 1)).sum()), int(((p == 0) & (y == 0)).sum())
+    fp, fn = int(((p == 1) & (y == 0)).sum()), int(((p == 0) & (y == 1)).sum())
+    den = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    return {"accuracy": (tp + tn) / len(y), "mcc": (tp * tn - fp * fn) / den if den else 0.0}
+
+
+def result_paths(cfg) -> dict[str, str]:
+    """Where the run writes; fails before any work if out_dir is not writable or the run is already done."""
+    stem = os.path.join(cfg.out_dir, run_name(cfg))
+    paths = {k: stem + ext for k, ext in (("final", ".json"), ("partial", ".partial.json"),
+                                          ("error", ".error.json"), ("adapters", ".safetensors"))}
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        open(paths["error"] + ".tmp", "w").close()
+        os.remove(paths["error"] + ".tmp")
+    except OSError as e:
+        raise ValueError(f"--out_dir={cfg.out_dir} is not a writable folder ({e.strerror}): choose another") from None
+    if os.path.exists(paths["final"]) and not cfg.overwrite:
+        raise ValueError(f"{paths['final']} already holds a finished run: pass --overwrite=true to replace it, "
+                         f"or another --out_dir")
+    return paths
+
+
+def write_json(path: str, obj: dict) -> None:
+    """Atomic: write a temp file, then rename over the target."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": str(device), "threads": torch.get_num_threads(),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+            or platform.machine(), "cpu_count": os.cpu_count()}
+
+
+def summarise(run, result: dict, paths: dict) -> dict:
+    """A finished train.Run's result: the final metric, achieved budget, timing, each method's diagnostics;
+    written to <name>.json, the run's stale partial and error files removed."""
+    cfg, layers, ada, fw, info = run.cfg, run.method.layers, run.method.ada, run.method.fw, run.method.info
+    metric = TASKS[cfg.task][1]
+    n_adapter = adapter_params(list(layers.values()), ada.rank_pattern() if ada else None)
+    all_ms = run.clock.ms["step"]
+    ms = all_ms[cfg.timing_skip:] or all_ms
+    result.update(status="ok", metric=metric, final=result["epochs"][-1][metric],
+                  best=max(e[metric] for e in result["epochs"]))
+    result["budget"].update(adapter_params=n_adapter, adapter_pct=100 * n_adapter / info["n_base_params"])
+    result["timing"] = {
+        "train_ms_total": sum(all_ms), "ms_per_step_median": float(torch.tensor(ms).median()),
+        "ms_per_step_mean": sum(ms) / len(ms), "examples_per_s": 1e3 * cfg.batch_size * len(ms) / sum(ms),
+        "buckets_ms_total": {k: sum(v) for k, v in run.clock.ms.items()}, "steps_timed": len(ms),
+        "clock": "cuda events" if run.clock.cuda else "perf_counter (CPU ops are synchronous)"}
+    if fw:
+        K, skip = fw.warmup_steps, cfg.timing_skip
+        warm_ms, late_ms = all_ms[skip:K], all_ms[K:]
+        result["timing"].update(ms_per_warmup_step=sum(warm_ms) / max(1, len(warm_ms)),
+                                ms_per_penalised_step=sum(late_ms) / max(1, len(late_ms)))
+        result["fw"] = fw.diagnostics(list(layers)) | {"penalty_log": run.penalty_log}
+    if ada:
+        result["adalora"] = {"rank_pattern": dict(zip(layers, ada.rank_pattern())),
+                             "total_rank": sum(ada.rank_pattern()), "target_total_rank": ada.b_target}
+    result["peak_memory_mb"] = (torch.cuda.max_memory_allocated(run.device) / 2**20 if run.device.type == "cuda"
+                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    write_json(paths["final"], result)
+    for stale in (paths["partial"], paths["error"]):
+        if os.path.exists(stale):
+            os.remove(stale)
+    print(f"{metric} {result['final']:.4f}; {result['timing']['ms_per_step_median']:.1f} ms/step; -> {paths['final']}")
+    return result
+
+
+class Clock:
+    """Named timers: CUDA events on a GPU (no sync inside the loop), perf_counter on CPU (ops are synchronous)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending, self.ms = defaultdict(list), defaultdict(list)
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.pending[name].append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.ms[name].append(1e3 * (time.perf_counter() - t0))
+
+    def collect(self):
+        """Turn recorded events into milliseconds; one synchronize, outside the timed region."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            for name, pairs in self.pending.items():
+                self.ms[name] += [s.elapsed_time(e) for s, e in pairs]
+            self.pending.clear()
+
+
+# Reading: the sweep's plan, the tables and the figure ------------------------------------------------------
+
+def read_result(path: str) -> dict | None:
+    """A run's result JSON, or None with a warning that names the file (truncated, not JSON, not a result)."""
+    try:
         r = json.load(open(path))
-        if r.get("status") == "ok":
-            runs.append(r)
-    return runs
+        if isinstance(r, dict) and isinstance(r.get("config"), dict) and "status" in r:
+            return r
+        problem = "not a run result"
+    except (OSError, ValueError) as e:
+        problem = f"unreadable ({type(e).__name__}: {e})"
+    print(f"warning: {path}: {problem}; skipped", file=sys.stderr)
+    return None
+
+
+def load(folder: str) -> tuple[list[dict], list[str]]:
+    """(finished runs, names of failed runs): an .error.json counts only where no finished run has that name."""
+    results = {p: read_result(p) for p in sorted(glob.glob(os.path.join(folder, "*.json")))
+               if not p.endswith(".partial.json")}
+    runs = [r for r in results.values() if r and r["status"] == "ok"]
+    done = {run_name(SimpleNamespace(**r["config"])) for r in runs}
+    failed = sorted(os.path.basename(p) for p, r in results.items()
+                    if r and r["status"] == "error" and os.path.basename(p).removesuffix(".error.json") not in done)
+    return runs, failed
+
+
+def plan(folder: str, lines: list[str]) -> list[str]:
+    """One line per run of train.py arguments (--method=all: one line per method) -> 'done NAME' where the
+    folder holds a finished result of exactly that configuration, else 'todo NAME ARGS'. A corrupt result is moved aside to NAME.corrupt and rerun;
+    a result made with another configuration stops the sweep before any work (SystemExit)."""
+    from train import check_config, parse_args  # here, not at the top: train.py imports this module
+    out, clash = [], []
+    lines = [line.replace("--method=all", f"--method={m}") for line in lines
+             for m in (METHODS if "--method=all" in line.split() else [None])]  # 'all': every method, in order
+    for line in lines:
+        cfg = parse_args(line.split())
+        check_config(cfg)
+        name = run_name(cfg)
+        path = os.path.join(folder, name + ".json")
+        r = read_result(path) if os.path.exists(path) else None
+        if os.path.exists(path) and (r is None or r["status"] != "ok"):
+            os.replace(path, os.path.join(folder, name + ".corrupt"))
+            print(f"warning: {path} is not a finished result: moved to {name}.corrupt, the run is redone",
+                  file=sys.stderr)
+        elif r:
+            diff = [f"{k} {r['config'].get(k, '(absent)')!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+                    if k not in IGNORED and r["config"].get(k, "(absent)") != v]
+            if diff:
+                clash.append(f"  {name}.json: " + ", ".join(diff))
+            else:
+                out.append(f"done {name}")
+            continue
+        out.append(f"todo {name} {line}")
+    if clash:
+        sys.exit(f"error: {folder} holds results made with another configuration (field: there -> now):\n"
+                 + "\n".join(clash[:8]) + (f"\n  ... and {len(clash) - 8} more" if len(clash) > 8 else "")
+                 + f"\nNothing was run. Use another folder (OUT=...) for this configuration, or move those "
+                   f"results out of {folder} to redo them.")
+    return out
 
 
 def mean_std(xs: list[float], scale: float = 1.0) -> str:
@@ -149,14 +334,13 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def main(folder: str) -> str:
-    runs = load(folder)
+    runs, failed = load(folder)
     if not runs:
-        sys.exit(f"no finished runs in {folder}")
+        sys.exit(f"no finished runs in {folder}" + (f" (failed: {', '.join(failed)})" if failed else ""))
     c = runs[0]["config"]
     env = runs[0]["environment"]
     text = (f"# Results: {folder}\n\nModel `{c['model']}`, {len(runs)} finished runs, device {env['device']} "
             f"({env['device_name']}, {env['threads']} threads).\n\n" + tables(runs) + ablation(runs))
-    failed = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.error.json")))
     if failed:
         text += "\n\nFailed runs (see their .error.json and .log): " + ", ".join(failed)
     if figure(runs, os.path.join(folder, "figure.png")):
@@ -168,4 +352,10 @@ def main(folder: str) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "results/cpu")
+    if sys.argv[1:2] == ["plan"]:
+        try:
+            print("\n".join(plan(sys.argv[2], [l for l in sys.stdin.read().splitlines() if l.strip()])))
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else "results/cpu")

@@ -2,25 +2,44 @@
 # Reproduce the comparison table: tasks × budgets × seeds × methods, one train.py run each, then report.py.
 #
 #   bash run_all.sh                  # paper profile if a GPU and roberta-base are at hand, else the CPU profile
-#   bash run_all.sh cpu              # offline: MiniLM, local GLUE, capped data, 1 seed (~60-75 min on 2 cores)
+#   bash run_all.sh cpu              # offline: MiniLM, the GLUE copy in ./glue, capped data
 #   bash run_all.sh paper --lr=3e-4  # any train.py Config field overrides the profile for the whole sweep
-#   bash run_all.sh smoke            # tiny random model, a couple of minutes: checks the plumbing (tests use it)
+#   bash run_all.sh smoke            # tiny random model, a minute: checks the plumbing (tests use it)
 #
-# Resumable: a run whose result (results/<profile>/<run>.json, written only on success, atomically) exists
-# is skipped; kill it and start it again to finish the table. A failed run leaves <run>.error.json, is
-# listed at the end, and the sweep goes on. Ctrl-C stops the sweep. With several GPUs, one run per GPU.
-# TASKS, BUDGETS, SEEDS, METHODS and OUT in the environment narrow or move the sweep.
+# Before any run, `report.py plan` checks every run's config, and the data and model once. A run whose
+# finished result in OUT records exactly this run's config is skipped (resume); a corrupt one is moved
+# aside and redone; a result made with another config stops the sweep before any work. A failed run leaves
+# <run>.error.json and its log, is listed at the end, and the sweep goes on. Ctrl-C or SIGTERM stops the
+# sweep and its runs; run the same command again to finish. One sweep per OUT folder (a lock).
+# Environment: TASKS, BUDGETS, SEEDS, METHODS narrow the sweep; OUT moves it; JOBS runs that many at once
+# (on CPU each gets its share of the cores; with several GPUs one run per GPU); PYTHON picks the interpreter.
 set -u
 cd "$(dirname "$0")"
+PY=${PYTHON:-python}
+
+# Started in the background (`bash run_all.sh &`), bash inherits an ignored SIGINT it cannot trap: restore it.
+if [ "$(trap -p INT)" = "trap -- '' SIGINT" ] && [ -z "${RUN_ALL_REEXEC:-}" ]; then
+  RUN_ALL_REEXEC=1 exec "$PY" -c 'import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp("bash", ["bash", *sys.argv[1:]])' "$0" "$@"
+fi
+
+declare -A RUNNING=()  # train.py processes now running: pid -> "slot name"
+stop() {  # Ctrl-C or SIGTERM: stop every run (each records its .error.json), keep what is finished
+  trap '' INT TERM
+  [ ${#RUNNING[@]} -gt 0 ] && kill -TERM "${!RUNNING[@]}" 2>/dev/null
+  wait
+  echo; echo "interrupted: finished runs are kept; run the same command again to resume"
+  exit 130
+}
+trap stop INT TERM
 
 PROFILE=auto
 if [ $# -gt 0 ] && [[ "$1" != --* ]]; then PROFILE=$1; shift; fi
 OVERRIDES=("$@")
-LOCAL_GLUE=${GLUE_DIR:-../shared/data/glue}
 
 if [ "$PROFILE" = auto ]; then
-  if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    if python -c "from transformers import AutoConfig; AutoConfig.from_pretrained('roberta-base')" >/dev/null 2>&1; then
+  if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    if "$PY" -c "from transformers import AutoConfig; AutoConfig.from_pretrained('roberta-base')" >/dev/null 2>&1; then
       PROFILE=paper; echo "profile: paper (a CUDA GPU is available and roberta-base loads)"
     else
       PROFILE=cpu; echo "profile: cpu (a GPU is available but roberta-base cannot be loaded: no hub access?)"
@@ -34,69 +53,83 @@ fi
 case "$PROFILE" in
   paper)  # the hypothesis: roberta-base, full data, 3 epochs, batch 32, lr 2e-4 (train.py's defaults)
     MODEL=roberta-base; DEF_SEEDS="0 1 2"
-    GLUE_ARG=(); [ -n "${GLUE_DIR:-}" ] && GLUE_ARG=(--glue_dir="$GLUE_DIR")
-    SST2_ARGS=(); COLA_ARGS=() ;;
+    SST2_ARGS=""; COLA_ARGS="" ;;
   cpu)    # MiniLM on 2 CPU cores: a capped training set and a small model's learning rate
-    MODEL=minilm; DEF_SEEDS="0"; GLUE_ARG=(--glue_dir="$LOCAL_GLUE")
-    SST2_ARGS=(--max_train=8000 --epochs=1 --lr=2e-3)
-    COLA_ARGS=(--max_train=4000 --epochs=2 --lr=5e-4) ;;
+    MODEL=minilm; DEF_SEEDS="0"
+    SST2_ARGS="--max_train=8000 --epochs=1 --lr=2e-3"
+    COLA_ARGS="--max_train=4000 --epochs=2 --lr=5e-4" ;;
   smoke)  # a tiny random BERT: numbers mean nothing, the plumbing is exercised end to end
-    MODEL=tiny-bert; DEF_SEEDS="0"; GLUE_ARG=(--glue_dir="$LOCAL_GLUE")
-    SST2_ARGS=(--max_train=128 --max_eval=64 --epochs=2 --lr=2e-3)
-    COLA_ARGS=(--max_train=128 --max_eval=64 --epochs=2 --lr=2e-3) ;;
+    MODEL=tiny-bert; DEF_SEEDS="0"
+    SST2_ARGS="--max_train=128 --max_eval=64 --epochs=2 --lr=2e-3"
+    COLA_ARGS="--max_train=128 --max_eval=64 --epochs=2 --lr=2e-3" ;;
   *) echo "unknown profile '$PROFILE': use paper, cpu, smoke or nothing (auto)" >&2; exit 2 ;;
 esac
 
 TASKS=${TASKS:-"sst2 cola"}
 BUDGETS=${BUDGETS:-"0.1 0.2 0.5"}
 SEEDS=${SEEDS:-$DEF_SEEDS}
-METHODS=${METHODS:-"lora adalora fwlora l2lora"}
+METHODS=${METHODS:-all}  # all: every method of report.METHODS, in its order (LoRA first)
 OUT=${OUT:-results/$PROFILE}
-mkdir -p "$OUT"
+mkdir -p "$OUT" || exit 2
 
-# The sweep, in the order it runs: LoRA first within each (task, budget, seed), so ratios come early.
-RUNS=()
+# One sweep per folder: the kernel drops the lock when the sweep dies, kill -9 included.
+exec 9>>"$OUT/.lock"
+if command -v flock >/dev/null && ! flock -n 9; then
+  echo "error: another sweep (pid $(cat "$OUT/.lock.pid" 2>/dev/null || echo '?')) is running on $OUT;" \
+       "wait for it, stop it, or use another OUT" >&2
+  exit 1
+fi
+echo $$ >"$OUT/.lock.pid"
+
+# The sweep, in the order it runs: LoRA first within each (task, budget, seed). One line of train.py
+# arguments per run; report.py plan names each run (train.run_name) and says which are done.
+SPECS=()
 for task in $TASKS; do
   for budget in $BUDGETS; do
     for seed in $SEEDS; do
       for method in $METHODS; do
-        RUNS+=("$task $budget $seed $method")
+        [ "$task" = sst2 ] && profile_args=$SST2_ARGS || profile_args=$COLA_ARGS
+        args=()
+        for a in --model="$MODEL" $profile_args; do  # an override replaces the profile's value
+          [[ " ${OVERRIDES[*]} " == *" ${a%%=*}="* ]] || args+=("$a")
+        done
+        SPECS+=("${args[*]} --task=$task --method=$method --budget=$budget --seed=$seed --out_dir=$OUT ${OVERRIDES[*]}")
       done
     done
   done
 done
+PLAN=$(printf '%s\n' "${SPECS[@]}" | "$PY" report.py plan "$OUT") || exit 2
 
-run_one() {  # task budget seed method [gpu]; returns train.py's exit code (130 = interrupted)
-  local task=$1 budget=$2 seed=$3 method=$4 gpu=${5:-}
-  local name="${task}_${method}_b${budget}_s${seed}"
-  if [ -f "$OUT/$name.json" ]; then echo "skip $name (done)"; return 0; fi
-  local args=(); [ "$task" = sst2 ] && args=("${SST2_ARGS[@]}") || args=("${COLA_ARGS[@]}")
-  echo "=== $name $(date +%H:%M:%S)"
-  CUDA_VISIBLE_DEVICES=${gpu:-${CUDA_VISIBLE_DEVICES:-}} python train.py --model="$MODEL" --task="$task" \
-    --method="$method" --budget="$budget" --seed="$seed" --out_dir="$OUT" "${GLUE_ARG[@]}" "${args[@]}" \
-    "${OVERRIDES[@]}" >"$OUT/$name.log" 2>&1
-  local rc=$?
+NGPU=0
+[ "$PROFILE" = paper ] && NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$NGPU" -gt 1 ]; then JOBS=$NGPU; echo "$NGPU GPUs: one run per GPU"; fi
+JOBS=${JOBS:-1}
+THREADS=$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))
+FREE=($(seq 0 $((JOBS - 1))))
+FAILED=()
+
+finish() {  # pid exit-code: report one finished run, free its slot
+  local slot name
+  read -r slot name <<<"${RUNNING[$1]}"
+  unset "RUNNING[$1]"
+  FREE+=("$slot")
   tail -n 3 "$OUT/$name.log" | sed 's/^/    /'
-  [ $rc -ne 0 ] && [ $rc -ne 130 ] && echo "FAILED $name (exit $rc): see $OUT/$name.log"
-  return $rc
+  [ "$2" -ne 0 ] && { echo "FAILED $name (exit $2): see $OUT/$name.log"; FAILED+=("$name"); }
 }
 
-trap 'echo; echo "interrupted: finished runs are kept; run the same command again to resume"; exit 130' INT
 START=$(date +%s)
-NGPU=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-if [ "$PROFILE" != smoke ] && [ "$NGPU" -gt 1 ]; then
-  echo "$NGPU GPUs: one run per GPU"
-  for ((g = 0; g < NGPU; g++)); do
-    ( for ((i = g; i < ${#RUNS[@]}; i += NGPU)); do
-        run_one ${RUNS[$i]} "$g"; [ $? -eq 130 ] && exit 130
-      done ) &
-  done
-  wait
-else
-  for spec in "${RUNS[@]}"; do
-    run_one $spec
-    [ $? -eq 130 ] && { echo "interrupted: run the same command again to resume"; exit 130; }
-  done
-fi
-echo "sweep finished in $(( ($(date +%s) - START) / 60 )) min"
-python report.py "$OUT"
+while read -r state name args; do
+  if [ "$state" = done ]; then echo "skip $name (done)"; continue; fi
+  if [ ${#RUNNING[@]} -ge "$JOBS" ]; then wait -n -p pid; rc=$?; finish "$pid" "$rc"; fi
+  slot=${FREE[0]}; FREE=("${FREE[@]:1}")
+  echo "=== $name $(date +%H:%M:%S)"
+  if [ "$NGPU" -gt 1 ]; then export CUDA_VISIBLE_DEVICES=$slot; fi
+  # shellcheck disable=SC2086  # $args is a list of --field=value words
+  OMP_NUM_THREADS=$THREADS PYTHONUNBUFFERED=1 "$PY" train.py $args >"$OUT/$name.log" 2>&1 &
+  RUNNING[$!]="$slot $name"
+done <<<"$PLAN"
+while [ ${#RUNNING[@]} -gt 0 ]; do wait -n -p pid; rc=$?; finish "$pid" "$rc"; done
+
+echo "sweep finished in $(( ($(date +%s) - START) / 60 )) min ($JOBS at a time)"
+[ ${#FAILED[@]} -gt 0 ] && echo "failed runs (${#FAILED[@]}): ${FAILED[*]}"
+"$PY" report.py "$OUT"

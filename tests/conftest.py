@@ -1,13 +1,19 @@
-"""Shared fixtures: tiny random BERT/RoBERTa classifiers (no download) and the shared GLUE folder."""
+"""Shared helpers: tiny random BERT/RoBERTa classifiers and synthetic batches (no download, no data files)."""
 import os
 import sys
 
-import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-GLUE_DIR = os.environ.get("GLUE_DIR") or os.path.join(ROOT, "..", "shared", "data", "glue")
+
+from data import synthetic  # noqa: E402  (after the path insert)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: real pretrained model or real data (runs in CI; skip with -m 'not slow')")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2`: one worker per core, one thread each
+        torch.set_num_threads(1)
 
 
 def tiny_model(kind: str = "bert", seed: int = 0):
@@ -30,8 +36,6 @@ def tiny_batch(seed: int = 0, n: int = 4, length: int = 7):
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (n,), generator=g)}
 
 
-@pytest.fixture
-def glue_dir():
-    if not os.path.isdir(GLUE_DIR):
-        pytest.skip(f"no GLUE folder at {GLUE_DIR}: set GLUE_DIR")
-    return GLUE_DIR
+def toy_data(n_train: int = 256, n_dev: int = 64, seed: int = 0):
+    """(train, dev) Batches of the parity task (data.synthetic), batch 32, ids < 100."""
+    return synthetic(n_train, n_dev, batch_size=32, seq_len=12, vocab=100, seed=seed)

@@ -39,28 +39,76 @@ def test_delta_weight_formula_and_merge():
 
 def test_schedule_matches_formula_and_never_increases():
     b0, bT, T, ti, tf, dt = 60, 20, 1000, 100, 300, 10
-    bs = [budget_schedule(s, b0, bT, T, ti, tf, dt) for s in range(1, T + 1)]
-    assert bs[ti - 1] == (b0, False)                     # step t_init: no masking yet
-    assert bs[T - tf - 1][0] == bT                        # step T - t_final: target reached
-    for s in (ti + 1, 250, 333, 599):
-        want = int(bT + (b0 - bT) * (1 - (s - ti) / (T - tf - ti)) ** 3)
-        assert bs[s - 1] == (want, s % dt == 0)
-    assert all(b == (bT, True) for b in bs[T - tf:])      # final phase: mask every step
+    bs = [budget_schedule(g, b0, bT, T, ti, tf, dt) for g in range(T)]  # g = steps completed before this one
+    assert bs[ti] == (b0, False)                          # g = t_init: no masking yet
+    assert bs[T - tf] == (bT, (T - tf) % dt == 0)         # g = T - t_final: target reached
+    for g in (ti + 1, 250, 333, 599):
+        want = int(bT + (b0 - bT) * (1 - (g - ti) / (T - tf - ti)) ** 3)
+        assert bs[g] == (want, g % dt == 0)
+    assert all(b == (bT, True) for b in bs[T - tf + 1:])  # final phase: mask every step
     assert all(a[0] >= b[0] for a, b in zip(bs, bs[1:]))  # never increases
-    assert not any(m for _, m in bs[:ti])
+    assert not any(m for _, m in bs[:ti + 1])
+
+
+def masked_steps(T, t_init, t_final, delta_t):
+    """1-based optimiser steps on which a real allocator masks E, in a run driven as train.py drives it."""
+    model, layers = ada_model(r=3)
+    alloc = RankAllocator(layers, b_target=len(layers), total_steps=T, t_init=t_init, t_final=t_final,
+                          delta_t=delta_t)
+    seen, real = [], alloc.mask_to_budget
+    alloc.mask_to_budget = lambda b: (seen.append(n), real(b))[1]
+    for n in range(1, T + 1):  # the n-th optimiser step; the allocator gets n - 1 (official global_step)
+        for l in layers:
+            torch.nn.init.normal_(l.lora_E)
+        model.zero_grad()
+        model(**tiny_batch(n)).loss.backward()
+        alloc.update_and_mask(n - 1)
+    return seen, alloc
+
+
+def test_masks_fall_on_the_official_steps():
+    """Worked out by hand from the official trainer: update_and_mask(global_step) before global_step += 1.
+    T = 40, t_init = 6, t_final = 10, delta_t = 4: the decreasing phase masks at global_step 8, 12, ..., 28
+    (<= T - t_final = 30, divisible by 4), i.e. on steps 9, 13, ..., 29; the final phase (global_step > 30)
+    masks on every step from step 32 on, the first of them ranking with frozen scores and the rest reusing it."""
+    seen, alloc = masked_steps(40, 6, 10, 4)
+    assert seen[0] == 9                         # the first mask: the 9th optimiser step
+    assert [s for s in seen if s <= 31][-1] == 29  # the last mask of the decreasing phase
+    assert seen[-1] == 32                       # the first final-phase mask (then cached: no new ranking)
+    assert seen == [9, 13, 17, 21, 25, 29, 32]
+    assert alloc.calls == 40 and sum(alloc.rank_pattern()) == alloc.b_target
+
+
+def test_emas_see_steps_1_to_T_minus_t_final():
+    model, layers = ada_model(r=3)
+    alloc = RankAllocator(layers, b_target=len(layers), total_steps=20, t_init=2, t_final=5, delta_t=3)
+    updates = []
+    alloc.update_ipt = lambda: updates.append(alloc.calls)
+    for n in range(1, 21):
+        alloc.update_and_mask(n - 1)
+    assert updates == list(range(1, 16))  # steps 1 … T - t_final = 15; frozen from step 16 on
+
+
+def test_schedule_must_end_at_the_target():
+    check_schedule(10, 2, 2, 5)                         # last step (index 9) is in the final phase
+    check_schedule(10, 2, 1, 3)                         # index 9 = T - t_final, and 9 % 3 == 0: masks to target
+    with pytest.raises(ValueError, match="raise --ada_t_final"):
+        check_schedule(10, 2, 1, 4)                     # index 9 would not mask: would end over budget
+    with pytest.raises(ValueError, match="raise --ada_t_final"):
+        check_schedule(1, 0, 0, 10)                     # T = 1 (was: "ok" at 0.269% against 0.2%)
 
 
 def test_schedule_guard_message():
     with pytest.raises(ValueError, match="lower --ada_t_init or --ada_t_final"):
-        check_schedule(100, 60, 40)
+        check_schedule(100, 60, 40, 10)
     _, layers = ada_model()
     with pytest.raises(ValueError, match="T > t_init \\+ t_final"):
-        RankAllocator(layers, 6, total_steps=10, t_init=5, t_final=5, delta_t=1)
+        RankAllocator(layers, b_target=6, total_steps=10, t_init=5, t_final=5, delta_t=1)
 
 
 def test_ema_by_hand():
     model, layers = ada_model()
-    alloc = RankAllocator(layers, 6, total_steps=100, t_init=10, t_final=10, delta_t=5, beta1=0.8, beta2=0.7)
+    alloc = RankAllocator(layers, b_target=6, total_steps=100, t_init=10, t_final=10, delta_t=5, beta1=0.8, beta2=0.7)
     Ibar = [torch.zeros_like(p) for p in alloc.params]
     Ubar = [torch.zeros_like(p) for p in alloc.params]
     for seed in range(3):
@@ -84,7 +132,7 @@ def test_ema_by_hand():
 @pytest.mark.parametrize("ties", [False, True])
 def test_masking_keeps_exactly_the_scheduled_number(ties):
     _, layers = ada_model()
-    alloc = RankAllocator(layers, 6, total_steps=100, t_init=10, t_final=10, delta_t=5)
+    alloc = RankAllocator(layers, b_target=6, total_steps=100, t_init=10, t_final=10, delta_t=5)
     b0 = alloc.b0
     if not ties:
         for e in alloc.ema_ipt:
@@ -126,15 +174,17 @@ def test_short_run_prunes_to_target_and_final_mask_is_frozen():
     alloc = RankAllocator(layers, b_target=M, total_steps=T, t_init=4, t_final=10, delta_t=2)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    for step in range(1, T + 1):
+    previous = None
+    for step in range(T):  # steps completed before this one (the official global_step)
         (model(**tiny_batch(step)).loss + 0.1 * alloc.orth_reg()).backward()
         opt.step()
         b = alloc.update_and_mask(step)
         opt.zero_grad()
         kept = sum(alloc.rank_pattern())  # masks applied so far
-        if step > T - 10:
+        if step > T - 10:  # the final phase
             assert b == M and kept == M
             assert sum(int((l.lora_E != 0).sum()) for l in layers) == M  # E really zeroed
-            frozen = [k.clone() for k in alloc.keep]
-            assert all(torch.equal(a, b) for a, b in zip(frozen, alloc.final_keep))
-    assert alloc.calls == T and sum(alloc.rank_pattern()) == M
+            if previous is not None:  # frozen: the same triplets as on the step before
+                assert all(torch.equal(a, b) for a, b in zip(previous, alloc.keep))
+            previous = [k.clone() for k in alloc.keep]
+    assert previous is not None and alloc.calls == T and sum(alloc.rank_pattern()) == M

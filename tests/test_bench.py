@@ -1,22 +1,34 @@
-"""bench.py runs: the interleaved whole runs are the same runs train.py makes, so their timings are honest."""
+"""bench.py: interleaved whole runs are the runs train.py makes (so their timings are honest), and the GPU
+acceptance check runs end to end in its tiny CPU mode (so it cannot rot before a GPU is at hand)."""
 import dataclasses
+import json
 
-from bench import runs
+import bench
+from conftest import toy_data
 from test_train import tiny
 from train import train
 
 
-def test_interleaved_runs_reproduce_standalone_runs(tmp_path, glue_dir, monkeypatch):
-    cfg = tiny(tmp_path, glue_dir, fw_warmup_steps=3, ada_t_init=2, ada_t_final=4, ada_delta_t=2,
+def test_interleaved_runs_reproduce_standalone_runs(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path, fw_warmup_steps=3, ada_t_init=2, ada_t_final=4, ada_delta_t=2,
                lora_dropout=0.1)  # dropout draws the global RNG: interleaving must not mix the runs' streams
     monkeypatch.chdir(tmp_path)  # bench writes results/ under the working directory
-    out = runs(cfg, ["lora", "fwlora", "adalora"])
-    assert out["steps"] == 16 and (tmp_path / "results" / "runs_sst2_b0.5_cpu.json").exists()
+    out = bench.runs(cfg, ["lora", "fwlora", "adalora"], toy_data())
+    assert out["steps"] == 16 and (tmp_path / "results" / "bench_runs_sst2_lora-fwlora-adalora_b0.5_s0.json").exists()
     for m, row in out["runs"].items():
-        alone = train(dataclasses.replace(cfg, method=m))["epochs"][-1]
+        alone = train(dataclasses.replace(cfg, method=m), toy_data())["epochs"][-1]
         assert (row["train_loss"], row["accuracy"], row["mcc"]) == \
             (alone["train_loss"], alone["accuracy"], alone["mcc"]), m  # the same trajectory, bit for bit
-        assert row["train_ms_total"] > 0
+        assert row["train_s"] > 0
     assert out["runs"]["lora"]["total_ratio"] == 1.0
-    fw = out["runs"]["fwlora"]
-    assert fw["fw_warmup_steps"] == 3 and fw["warmup_ms_total"] < fw["train_ms_total"]
+    assert out["runs"]["fwlora"]["fw_warmup_steps"] == 3
+
+
+def test_gpu_acceptance_check_in_tiny_cpu_mode(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = bench.gpu(tiny=True, n_steps=8)
+    saved = json.load(open(tmp_path / "results" / "bench_gpu_tiny-bert_cpu.json"))
+    assert saved["config"]["precision"] == "bf16" and set(saved["methods"]) == {"lora", "adalora", "fwlora", "l2lora"}
+    t = out["methods"]
+    assert t["lora"]["ratio"] == 1.0 and all(r["ms_per_step_median"] > 0 for r in t.values())
+    assert t["fwlora"]["warmup_ms"] > 0 and t["fwlora"]["penalised_ms"] > 0

@@ -1,31 +1,43 @@
-"""GLUE loading: the shared files' counts and labels, clear errors for bad folders, batching."""
+"""GLUE loading: the shipped copy's checksums and counts, clear errors for bad files, batching, the toy task."""
+import hashlib
 import os
-import shutil
 
 import pytest
 import torch
 
-from data import Batches, check_task, load_glue, read_glue_tsv
+from data import GLUE_DIR, Batches, check_task, load_glue, read_glue_tsv, synthetic
+
+SHA256 = {  # glue/README.md
+    "SST-2/train.tsv": "c75796b01672b41c38cd4b35f4ff1ade88ca79b7577f3926e01ff69739d85ec9",
+    "SST-2/dev.tsv": "f7271f7a919ea884ca8563e13ed03028aa44296d1f738c003af3142b9a2188f8",
+    "CoLA/train.tsv": "cb368ebeb9f27d7ad03720d27ddc95687a311bdb100781a2fe59a5f5b1bc0624",
+    "CoLA/dev.tsv": "fc08f7ca16084543d9222d75eee13f094d738c3a20d874384417f1766197b716",
+}
 
 
-def test_shared_glue_counts_and_labels(glue_dir):
-    sst2, cola = load_glue("sst2", glue_dir), load_glue("cola", glue_dir)
+@pytest.mark.slow
+def test_shipped_glue_checksums_counts_and_labels():
+    for name, want in SHA256.items():
+        assert hashlib.sha256(open(os.path.join(GLUE_DIR, name), "rb").read()).hexdigest() == want, name
+    sst2, cola = load_glue("sst2"), load_glue("cola")  # the default: the copy in the repo
     counts = {(t, s): (len(d[s][0]), sum(d[s][1])) for t, d in (("sst2", sst2), ("cola", cola))
               for s in ("train", "dev")}
-    # (rows, positives) from shared/data/README.md
     assert counts == {("sst2", "train"): (67_349, 37_569), ("sst2", "dev"): (872, 444),
                       ("cola", "train"): (8_551, 6_023), ("cola", "dev"): (1_043, 721)}
     assert all(isinstance(s, str) and s for s in sst2["train"][0][:100] + cola["dev"][0][:100])
     assert any('"' in s or "'" in s for s in cola["train"][0])  # quotes survive (QUOTE_NONE)
 
 
-def test_missing_and_malformed_files(tmp_path, glue_dir):
+def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="--glue_dir"):
         load_glue("sst2", str(tmp_path))
     os.makedirs(tmp_path / "CoLA")
-    shutil.copy(os.path.join(glue_dir, "CoLA", "dev.tsv"), tmp_path / "CoLA" / "dev.tsv")
+    (tmp_path / "CoLA" / "dev.tsv").write_text("gj04\t1\t\tgood sentence .\n")
     (tmp_path / "CoLA" / "train.tsv").write_text("gj04\t1\t\tgood sentence .\nbroken line without tabs\n")
     with pytest.raises(ValueError, match="line 2: expected 4 tab-separated columns"):
+        load_glue("cola", str(tmp_path))
+    (tmp_path / "CoLA" / "train.tsv").write_bytes(b"gj04\t1\t\tgood .\ngj04\t0\t*\tbad \xff byte .\n")
+    with pytest.raises(ValueError, match=r"train.tsv line 2: not UTF-8"):
         load_glue("cola", str(tmp_path))
     (tmp_path / "bad.tsv").write_text("text\tlabel\nhello\t1\n")
     with pytest.raises(ValueError, match="header"):
@@ -41,12 +53,49 @@ class CharTokenizer:  # a stand-in tokenizer: one id per character
 
 def test_batches_pad_to_longest_and_seeded_order():
     sents = ["a", "bbbb", "cc", "ddddddd", "e"]
-    b = Batches(sents, [0, 1, 0, 1, 0], CharTokenizer(), max_length=5, batch_size=2, pad_id=0)
+    b = Batches.tokenize(sents, [0, 1, 0, 1, 0], CharTokenizer(), max_length=5, batch_size=2, pad_id=0)
     assert len(b) == 3
-    batches = list(b.epoch(seed=None))
-    assert batches[0]["input_ids"].shape == (2, 4) and batches[1]["input_ids"].shape == (2, 5)  # truncated to 5
-    assert batches[0]["attention_mask"].tolist() == [[1, 0, 0, 0], [1, 1, 1, 1]]
-    assert batches[2]["labels"].tolist() == [0]
+    batches = list(b.epoch(seed=None))  # evaluation order: by length (a, e, cc, bbbb, ddddd)
+    assert [x["input_ids"].shape for x in batches] == [(2, 1), (2, 4), (1, 5)]  # 7 characters truncated to 5
+    assert batches[1]["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert [x["labels"].tolist() for x in batches] == [[0, 0], [0, 1], [1]]
     order = lambda seed: torch.cat([x["labels"] for x in b.epoch(seed)]).tolist() + \
         [x["input_ids"].sum().item() for x in b.epoch(seed)]
     assert order(3) == order(3) and order(3) != order(4)
+
+
+def test_synthetic_task_is_seeded_and_its_label_is_the_first_tokens_parity():
+    train, dev = synthetic(100, 20, batch_size=8, seq_len=10, vocab=50, seed=1)
+    assert (len(train.ids), len(dev.ids), len(train)) == (100, 20, 13)
+    assert all(5 <= len(x) <= 10 and 3 <= int(x[0]) <= 10 and int(x.max()) < 50 for x in train.ids)
+    assert train.labels.tolist() == [int(x[0]) % 2 for x in train.ids]
+    again, _ = synthetic(100, 20, batch_size=8, seq_len=10, vocab=50, seed=1)
+    other, _ = synthetic(100, 20, batch_size=8, seq_len=10, vocab=50, seed=2)
+    assert all(torch.equal(a, b) for a, b in zip(train.ids, again.ids))
+    assert not all(len(a) == len(b) and torch.equal(a, b) for a, b in zip(train.ids, other.ids))
+
+
+def test_length_grouped_batches_cover_every_example_once_and_cut_padding():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 64, (1000,), generator=g).tolist()  # ~SST-2's spread
+    b = Batches([[5] * k for k in lengths], [0] * 1000, batch_size=32, pad_id=0)
+    padded = lambda order: sum(len(i) * int(b.lengths[i].max()) for i in order) / sum(lengths)
+    for seed in (0, 1):
+        grouped = b.order(seed)
+        assert sorted(torch.cat(grouped).tolist()) == list(range(1000))  # each example exactly once
+        assert [len(i) for i in grouped].count(32) == 31  # one partial batch
+        assert padded(grouped) < 1.15 < 1.6 < padded(b.order(seed, group_by_length=False))
+    key = lambda order: [i.tolist() for i in order]
+    assert key(b.order(3)) == key(b.order(3)) and key(b.order(3)) != key(b.order(4))  # seeded; epochs differ
+    assert key(b.order(None)) == key(b.order(None)) and padded(b.order(None)) < 1.05  # evaluation: by length
+
+
+def test_metrics_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, matthews_corrcoef
+    from report import metrics
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        y, p = torch.randint(0, 2, (200,), generator=g), torch.randint(0, 2, (200,), generator=g)
+        m = metrics(p, y)
+        assert m["accuracy"] == pytest.approx(accuracy_score(y, p)) and m["mcc"] == pytest.approx(matthews_corrcoef(y, p))
+    assert metrics(torch.ones(10), y[:10])["mcc"] == 0.0 == matthews_corrcoef(y[:10], torch.ones(10))  # one class

@@ -44,7 +44,7 @@ def test_probe_is_unbiased():
 
 def test_ema_recursion_by_hand():
     _, layers = lora_model()
-    proxy = FisherProxy(layers, alpha=0.9)
+    proxy = FisherProxy(layers, decay=0.9)
     F = torch.zeros(len(layers))
     for t in range(3):
         val = torch.arange(len(layers), dtype=torch.float) + t
@@ -55,13 +55,15 @@ def test_ema_recursion_by_hand():
         assert torch.all(proxy.step_sq == 0)
 
 
-def test_importance_sums_to_one_and_is_frozen_after_warmup():
+def test_importance_sums_to_one_and_is_fixed_after_warmup():
     model, layers = lora_model()
-    fw = FWLoRA(layers, lam=1e-2, warmup_steps=2, estimator="exact")
+    fw = FWLoRA(layers, warmup_steps=2, estimator="exact")
     for _ in range(2):
         model(**tiny_batch()).loss.backward()
         fw.fisher.update()
-    fw.freeze()
+    assert fw.in_warmup
+    fw.end_warmup()
+    assert not fw.in_warmup
     torch.testing.assert_close(fw.importance.sum(), torch.tensor(1.0))
     torch.testing.assert_close(fw.weights, 1 - fw.importance)
     F, I = fw.fisher.F.clone(), fw.importance.clone()
@@ -71,10 +73,10 @@ def test_importance_sums_to_one_and_is_frozen_after_warmup():
 
 def test_uniform_ablation_uses_mean_weight():
     model, layers = lora_model()
-    fw = FWLoRA(layers, lam=1.0, warmup_steps=1, uniform=True)
+    fw = FWLoRA(layers, warmup_steps=1, uniform=True)
     model(**tiny_batch()).loss.backward()
     fw.fisher.update()
-    fw.freeze()
+    fw.end_warmup()
     M = len(layers)
     assert torch.allclose(fw.weights, torch.full((M,), 1 - 1 / M))
     # same total scale: the uniform weight is the mean of the Fisher weights (Σ(1 - I_m) = M - 1)

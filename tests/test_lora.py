@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import tiny_batch, tiny_model
-from lora import (LoRALinear, count_base_params, freeze_base, inject, load_adapters, rank_for_budget,
-                  save_adapters, target_names)
+from lora import (LoRALinear, adapter_params, count_base_params, freeze_base, inject, is_head, load_adapters,
+                  rank_for_budget, save_adapters, target_names)
 
 
 def lora_model(kind="bert", r=2, alpha=4.0):
@@ -42,7 +42,7 @@ def test_one_step_moves_only_adapters_and_head():
     opt.step()
     for n, p in model.named_parameters():
         moved = not torch.equal(p, before[n])
-        if "lora_A" in n or "classifier" in n or "lora_B" in n:
+        if "lora_" in n or is_head(n):  # adapters, the classifier and (BERT) the pooler
             assert p.requires_grad
             assert moved or "lora_A" in n, n  # A gets no gradient at step 0 (B = 0)
         else:
@@ -84,6 +84,8 @@ def test_injection_hits_exactly_the_six_matrices(kind):
     freeze_base(model)
     n_adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert n_adapter == 2 * sum(l.base.in_features + l.base.out_features for l in layers.values())
+    assert n_adapter == adapter_params(list(layers.values()))
+    assert adapter_params(list(layers.values()), [1] * 12) == n_adapter // 2
 
 
 def test_budget_rule_on_roberta_base_shapes():

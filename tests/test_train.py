@@ -1,74 +1,161 @@
-"""train(): config parsing, every bad input's message, determinism, FW-LoRA(λ=0) = LoRA, one backward
-per step, AdaLoRA really prunes, results written atomically, and a short real run that learns."""
+"""train(): config parsing, every bad input's message, determinism, FW-LoRA(λ=0) = LoRA, one backward per
+step, AdaLoRA really prunes, results written atomically, learning, and the GPU code paths on CPU stand-ins
+(a float64 device move, bf16 autocast)."""
 import json
 import os
 
 import pytest
 import torch
 
-from train import Config, parse_args, train
+from conftest import toy_data
+from train import Config, check_config, field_comments, parse_args, prepare, train, train_step
 
 
-def tiny(tmp_path, glue, **kw):
-    """tiny-bert (hidden 32, FFN 64, 2 layers: 896 adapter parameters per unit of rank) on capped SST-2."""
-    base = dict(model="tiny-bert", task="sst2", glue_dir=glue, max_train=256, max_eval=64, epochs=2,
-                lr=2e-3, budget=0.5, out_dir=str(tmp_path), log_every=4,
-                fw_warmup_max_frac=0.5)  # 16 steps: let the Fisher warm-up last a few of them
+def tiny(tmp_path, **kw):
+    """tiny-bert (hidden 32, FFN 64, 2 layers: 896 adapter parameters per unit of rank), 16 steps."""
+    base = dict(model="tiny-bert", task="sst2", epochs=2, lr=2e-3, budget=0.5, out_dir=str(tmp_path), log_every=4,
+                fw_warmup_max_frac=0.5)  # let the Fisher warm-up last a few of the 16 steps
     return Config(**(base | kw))
 
 
-def test_parse_args_types_and_errors():
-    cfg = parse_args(["--lr=1e-3", "--epochs=2", "--method=fwlora", "--save_adapters=true", "--glue_dir="])
-    assert (cfg.lr, cfg.epochs, cfg.method, cfg.save_adapters, cfg.glue_dir) == (1e-3, 2, "fwlora", True, "")
-    for bad in (["--nope=1"], ["--epochs=two"], ["lr=1"], ["--save_adapters=maybe"]):
+def test_parse_args_types_errors_and_help(capsys):
+    cfg = parse_args(["--lr=1e-3", "--epochs=2", "--method=fwlora", "--save_adapters=true", "--glue_dir=hub"])
+    assert (cfg.lr, cfg.epochs, cfg.method, cfg.save_adapters, cfg.glue_dir) == (1e-3, 2, "fwlora", True, "hub")
+    for bad in (["--nope=1"], ["--epochs=two"], ["lr=1"], ["--save_adapters=maybe"], ["--lr=1", "--lr=2"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
+    assert field_comments(Config)["max_grad_norm"].startswith("clip the global gradient norm")
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--fw_lambda=0.0001" in out and "λ of the penalty (hypothesis)" in out
 
 
 @pytest.mark.parametrize("kw, message", [
     (dict(task="mnli"), "unknown task 'mnli'"),
     (dict(method="dora"), "unknown method 'dora'"),
+    (dict(precision="fp8"), "unknown precision 'fp8'"),
     (dict(budget=0), "budget must be > 0"),
-    (dict(budget=-0.2), "budget must be > 0"),
+    (dict(budget=float("inf")), "budget must be > 0"),
+    (dict(fw_probes=0), "--fw_probes"),
+    (dict(max_train=-5), "--max_train"),
     (dict(budget=0.001), "below half of rank 1"),
     (dict(glue_dir="/nonexistent"), "point --glue_dir"),
     (dict(method="adalora", epochs=1, ada_t_init=5, ada_t_final=5), "lower --ada_t_init or --ada_t_final"),
+    (dict(method="adalora", epochs=1, ada_t_init=1, ada_t_final=1, ada_delta_t=3), "raise --ada_t_final"),
 ])
-def test_bad_input_messages(tmp_path, glue_dir, kw, message):
+def test_bad_input_messages(tmp_path, kw, message):
+    data = None if "glue_dir" in kw else toy_data()
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        train(tiny(tmp_path, glue_dir, **kw))
-    assert not os.listdir(tmp_path)  # rejected before any work: nothing written, nothing overwritten
+        train(tiny(tmp_path, **kw), data)
+    (error,) = os.listdir(tmp_path)  # rejected before any training, and recorded: the sweep lists it
+    saved = json.load(open(tmp_path / error))
+    assert error.endswith(".error.json") and saved["status"] == "error" and saved["steps_done"] == 0
 
 
-def test_hub_model_offline_message(tmp_path, glue_dir, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_output_folder_problems_are_caught_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="not a writable folder"):
+        train(tiny(tmp_path / "file"), toy_data())
+    train(tiny(tmp_path), toy_data())
+    with pytest.raises(ValueError, match="already holds a finished run: pass --overwrite=true"):
+        train(tiny(tmp_path), toy_data())
+    assert sorted(os.listdir(tmp_path)) == ["file", "sst2_lora_b0.5_s0.json"]
+    train(tiny(tmp_path, overwrite=True), toy_data())
+
+
+def test_hub_model_offline_message(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at start-up
     with pytest.raises(RuntimeError, match="offline, use --model=minilm"):
-        train(tiny(tmp_path, glue_dir, model="roberta-base-not-cached"))
+        train(tiny(tmp_path, model="roberta-base-not-cached"), toy_data())
 
 
-def test_nan_loss_stops_names_step_and_keeps_results(tmp_path, glue_dir):
+def test_nan_loss_stops_names_step_and_keeps_results(tmp_path):
     with pytest.raises(FloatingPointError, match=r"NaN or inf at step \d+"):
-        train(tiny(tmp_path, glue_dir, lr=1e30, log_every=2))
+        train(tiny(tmp_path, lr=1e30, log_every=2, max_grad_norm=0), toy_data())
     err = json.load(open(tmp_path / "sst2_lora_b0.5_s0.error.json"))
     assert err["status"] == "error" and "step" in err["error"]
     assert not (tmp_path / "sst2_lora_b0.5_s0.json").exists()
 
 
-def test_same_seed_same_metrics_and_atomic_files(tmp_path, glue_dir):
-    a = train(tiny(tmp_path, glue_dir, run_name="a"))
-    b = train(tiny(tmp_path, glue_dir, run_name="b"))
+def test_same_seed_same_metrics_atomic_files_and_budget(tmp_path):
+    a = train(tiny(tmp_path / "a"), toy_data())
+    b = train(tiny(tmp_path / "b"), toy_data())
     assert a["epochs"] == b["epochs"]
-    assert sorted(os.listdir(tmp_path)) == ["a.json", "b.json"]  # no temp, partial or error files left
-    saved = json.load(open(tmp_path / "a.json"))
+    assert os.listdir(tmp_path / "a") == ["sst2_lora_b0.5_s0.json"]  # no temp, partial or error files left
+    saved = json.load(open(tmp_path / "a" / "sst2_lora_b0.5_s0.json"))
     assert saved["status"] == "ok" and saved["final"] == a["final"]
     budget = saved["budget"]
     assert budget["adapter_params"] == budget["rank"] * 2 * (4 * (32 + 32) + 2 * (32 + 64))
     assert budget["adapter_pct"] == pytest.approx(100 * budget["adapter_params"] / budget["n_base_params"])
 
 
-def test_fwlora_with_zero_lambda_follows_lora_exactly(tmp_path, glue_dir):
-    lora = train(tiny(tmp_path, glue_dir, method="lora"))
-    fw = train(tiny(tmp_path, glue_dir, method="fwlora", fw_lambda=0.0, fw_warmup_steps=3))
+def test_learns_a_synthetic_rule(tmp_path):
+    r = train(tiny(tmp_path, epochs=6, lr=5e-3), toy_data(n_train=512, n_dev=256))
+    assert r["epochs"][-1]["train_loss"] < 0.5 * r["epochs"][0]["train_loss"]
+    assert r["final"] >= 0.85  # label = parity of the first token; chance is 0.5
+
+
+def test_bert_pooler_trains_as_head_and_is_not_in_the_budget(tmp_path):
+    run = prepare(tiny(tmp_path), toy_data())
+    trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
+    assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight"} <= trainable
+    assert all("lora_" in n or "pooler" in n or n.startswith("classifier") for n in trainable)
+    pooler = sum(p.numel() for n, p in run.model.named_parameters() if "pooler" in n)
+    encoder = sum(p.numel() for n, p in run.model.named_parameters() if "lora_" not in n)
+    head = sum(p.numel() for n, p in run.model.named_parameters() if n.startswith("classifier"))
+    assert run.method.info["n_base_params"] == encoder - pooler - head
+    w0 = run.model.bert.pooler.dense.weight.detach().clone()
+    train_step(run, next(run.epoch(0)), 1)  # step index 1: the lr schedule's step 0 has lr 0
+    assert not torch.equal(run.model.bert.pooler.dense.weight, w0)
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 1e-3])
+def test_gradients_are_clipped_before_the_step(tmp_path, monkeypatch, max_norm):
+    run = prepare(tiny(tmp_path, max_grad_norm=max_norm), toy_data())
+    norms, real_step = [], run.opt.step
+    params = run.opt.param_groups[0]["params"]
+    monkeypatch.setattr(run.opt, "step", lambda: (norms.append(torch.cat([p.grad.flatten() for p in params])
+                                                                .norm().item()), real_step()))
+    for step, batch in zip(range(3), run.epoch(0)):
+        train_step(run, batch, step)
+    assert all(n <= 1e-3 * 1.0001 for n in norms) if max_norm else all(n > 1e-2 for n in norms)
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora", "fwlora", "l2lora"])
+def test_method_state_follows_the_device_move(tmp_path, monkeypatch, method):
+    """prepare()'s model.to(device) also casts to float64 here: the same .data swap as CPU -> CUDA, so any
+    method state left behind (EMAs, masks, Fisher statistics, weights, probe generator) fails on its dtype."""
+    real_to = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: real_to(real_to(self, *a, **k), torch.float64))
+    run = prepare(tiny(tmp_path, method=method, epochs=1, fw_warmup_steps=3, ada_t_init=1, ada_t_final=2,
+                       ada_delta_t=1), toy_data(n_train=6 * 32))
+    assert run.T == 6
+    for step, batch in enumerate(run.epoch(0)):
+        loss, _ = train_step(run, batch, step)
+        assert loss.dtype == torch.float64 and torch.isfinite(loss)
+    assert all(p.dtype == torch.float64 for p in run.model.parameters())
+    if run.method.fw:
+        assert not run.method.fw.in_warmup and run.method.fw.weights.dtype == torch.float64
+    if run.method.ada:
+        assert sum(run.method.ada.rank_pattern()) == run.method.ada.b_target
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora", "fwlora", "l2lora"])
+def test_every_method_under_bf16_autocast(tmp_path, method):
+    """The GPU's default code path (bf16 autocast) on CPU: hooks, penalty and allocator see bf16 activations."""
+    r = train(tiny(tmp_path, method=method, precision="bf16", fw_warmup_steps=3), toy_data())
+    assert r["status"] == "ok" and all(torch.isfinite(torch.tensor(e["train_loss"])) for e in r["epochs"])
+    run = prepare(tiny(tmp_path, method=method, precision="bf16"), toy_data())
+    assert all(p.dtype == torch.float32 for n, p in run.model.named_parameters() if "lora_" in n)  # masters fp32
+    with run.autocast():
+        assert run.model(**next(run.epoch(0))).logits.dtype == torch.bfloat16
+
+
+def test_fwlora_with_zero_lambda_follows_lora_exactly(tmp_path):
+    lora = train(tiny(tmp_path, method="lora"), toy_data())
+    fw = train(tiny(tmp_path, method="fwlora", fw_lambda=0.0, fw_warmup_steps=3), toy_data())
     assert fw["budget"]["fw_warmup_steps"] == 3 and fw["fw"]["penalty_log"]  # the penalty path ran
     assert fw["epochs"] == lora["epochs"]  # identical losses and metrics, bit for bit
 
@@ -77,21 +164,21 @@ def test_fwlora_with_zero_lambda_follows_lora_exactly(tmp_path, glue_dir):
 def test_fisher_warmup_length_rule(T, K):
     from conftest import tiny_model
     from train import build_method
-    _, _, fw, info = build_method(Config(method="fwlora", budget=50.0), tiny_model(), T)
-    assert fw.warmup_steps == info["fw_warmup_steps"] == K  # min(500, 10% of T), at least 1
+    m = build_method(Config(method="fwlora", budget=50.0), tiny_model(), T)
+    assert m.fw.warmup_steps == m.info["fw_warmup_steps"] == K  # min(500, 10% of T), at least 1
 
 
-def test_exactly_one_backward_per_step(tmp_path, glue_dir, monkeypatch):
+def test_exactly_one_backward_per_step(tmp_path, monkeypatch):
     calls = []
     real = torch.Tensor.backward
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: (calls.append(1), real(self, *a, **k)))
-    r = train(tiny(tmp_path, glue_dir, method="fwlora", fw_warmup_steps=3))
+    r = train(tiny(tmp_path, method="fwlora", fw_warmup_steps=3), toy_data())
     assert len(calls) == r["epochs"][-1]["steps"] == 16
 
 
-def test_fwlora_and_l2lora_diagnostics(tmp_path, glue_dir):
-    fw = train(tiny(tmp_path, glue_dir, method="fwlora", fw_warmup_steps=4))["fw"]
-    l2 = train(tiny(tmp_path, glue_dir, method="l2lora", fw_warmup_steps=4))["fw"]
+def test_fwlora_and_l2lora_diagnostics(tmp_path):
+    fw = train(tiny(tmp_path, method="fwlora", fw_warmup_steps=4), toy_data())["fw"]
+    l2 = train(tiny(tmp_path, method="l2lora", fw_warmup_steps=4), toy_data())["fw"]
     imp = [m["importance"] for m in fw["per_matrix"].values()]
     assert len(imp) == 12 and abs(sum(imp) - 1) < 1e-5
     assert fw["weight_min"] < fw["weight_max"]
@@ -99,8 +186,8 @@ def test_fwlora_and_l2lora_diagnostics(tmp_path, glue_dir):
     assert all(m["delta_w_fro"] > 0 for m in fw["per_matrix"].values())
 
 
-def test_adalora_run_prunes_to_target(tmp_path, glue_dir):
-    r = train(tiny(tmp_path, glue_dir, method="adalora", epochs=3, ada_delta_t=2))
+def test_adalora_run_prunes_to_target(tmp_path):
+    r = train(tiny(tmp_path, method="adalora", epochs=3, ada_delta_t=2), toy_data())
     ada, budget = r["adalora"], r["budget"]
     assert ada["total_rank"] == ada["target_total_rank"] == budget["rank"] * 12
     assert budget["ada_init_rank"] > budget["rank"]  # it started larger and really pruned
@@ -110,8 +197,10 @@ def test_adalora_run_prunes_to_target(tmp_path, glue_dir):
                                            for n, k in ada["rank_pattern"].items())
 
 
-def test_short_minilm_run_learns_sst2(tmp_path, glue_dir):
-    r = train(Config(model="minilm", task="sst2", glue_dir=glue_dir, max_train=320, max_eval=200, epochs=2,
-                     lr=2e-3, budget=0.5, out_dir=str(tmp_path)))
+@pytest.mark.slow
+def test_minilm_learns_real_sst2(tmp_path):
+    """The one real-model, real-data learning check: all-MiniLM-L6-v2 on the GLUE SST-2 copy in ./glue."""
+    r = train(Config(model="minilm", task="sst2", max_train=320, max_eval=200, epochs=2, lr=2e-3, budget=0.5,
+                     out_dir=str(tmp_path)))
     assert r["epochs"][-1]["train_loss"] < r["epochs"][0]["train_loss"]
     assert r["final"] >= 0.7 and r["epochs"][-1]["mcc"] > 0.3  # chance is 0.5 / MCC 0
