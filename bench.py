@@ -1,13 +1,9 @@
-"""Speed, side by side: each method as a ratio to plain LoRA, measured in one process where the runs take
-turns step by step, so machine noise hits every method alike.
+"""Speed, side by side: each method as a ratio to plain LoRA, in one process where the runs take turns step
+by step (machine noise hits all alike), built by train.prepare() and stepped by train.train_step().
 
-    python bench.py                   # per step: MiniLM on CPU (random-roberta-base on a GPU), synthetic batches
+    python bench.py          # per step, every VARIANT, MiniLM: ratios, matmul rate vs peak, Fisher estimator error
+    python bench.py gpu      # GPU acceptance (~5 min): the same on roberta-base, bf16, 300 steps, step memory
     python bench.py runs --methods=lora,fwlora,adalora --task=sst2 --max_train=8000 --epochs=1 --lr=2e-3
-    python bench.py gpu               # GPU acceptance: every method, roberta-base shapes, bf16, CUDA events
-
-Every mode builds its runs with train.prepare() and steps them with train.train_step(): what is timed is
-the run train.py makes. Each run keeps its own RNG stream, so `runs` ends with the standalone runs' train
-loss and dev metric, bit for bit. Results go to results/bench_*.json.
 """
 import dataclasses
 import itertools
@@ -17,9 +13,9 @@ import torch
 from tqdm import tqdm
 
 from data import synthetic
-from fisher import FisherProxy
-from train import (METHODS, Config, check_config, check_finite, environment, evaluate, load_model, parse_args,
-                   prepare, resolve_device, run_name, train_step, write_json)
+from report import matmul_peak
+from train import (Config, check_config, check_finite, environment, evaluate, load_model, parse_args, prepare,
+                   run_name, train_step, write_json)
 
 WARM = dict(fw_warmup_steps=10**9, fw_warmup_max_frac=1.0)  # FW-LoRA's Fisher warm-up on every step
 VARIANTS = {  # per-step mode: name -> Config overrides
@@ -34,19 +30,12 @@ VARIANTS = {  # per-step mode: name -> Config overrides
 }
 
 
-def rng_state(device) -> tuple:
+def rng_state(device) -> tuple:  # the global streams a run draws its dropout masks from
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 def set_rng_state(state: tuple, device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-def all_epochs(run):
-    for e in range(run.cfg.epochs):
-        yield from run.epoch(e)
+    torch.set_rng_state(state[0]), state[1] is not None and torch.cuda.set_rng_state(state[1], device)
 
 
 def interleave(cfgs: dict, data: tuple | None = None, steps: int | None = None) -> dict:
@@ -54,12 +43,13 @@ def interleave(cfgs: dict, data: tuple | None = None, steps: int | None = None) 
     in turn, for all their epochs or the first `steps`. Returns {name: Run}."""
     runs, rng = {}, {}
     for m, cfg in cfgs.items():
+        check_config(cfg)
         runs[m] = prepare(cfg, data)
         data = (runs[m].train_b, runs[m].dev_b)
         rng[m] = rng_state(runs[m].device)  # where train() would start drawing dropout masks
-    streams = [all_epochs(r) for r in runs.values()]  # (a generator expression here would bind the last r)
     total = steps or next(iter(runs.values())).T
-    for step, batches in enumerate(tqdm(itertools.islice(zip(*streams), total), total=total, disable=None)):
+    streams = [itertools.chain.from_iterable(map(r.epoch, range(r.cfg.epochs))) for r in runs.values()]  # r.epoch
+    for step, batches in enumerate(tqdm(itertools.islice(zip(*streams), total), total=total)):  # bound eagerly
         for (m, r), batch in zip(runs.items(), batches):
             set_rng_state(rng[m], r.device)  # each run's dropout masks come from its own stream (outside the clock)
             train_step(r, batch, step)
@@ -70,123 +60,101 @@ def interleave(cfgs: dict, data: tuple | None = None, steps: int | None = None) 
     return runs
 
 
-def step_table(runs: dict, skip: int) -> dict:
-    """Median ms/step after `skip` warm-up steps, ratio to the first run, each method's buckets per step."""
-    med = {m: float(torch.tensor(r.clock.ms["step"][skip:]).median()) for m, r in runs.items()}
-    base = next(iter(med.values()))
-    return {m: {"ms_per_step_median": med[m], "ratio": med[m] / base, "buckets_ms_per_step":
-                {k: sum(v) / len(r.clock.ms["step"]) for k, v in r.clock.ms.items() if k != "step"}}
-            for m, r in runs.items()}
-
-
 def show(title: str, table: dict, cols: tuple) -> None:
     print(f"\n{title}\n| name | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|")
     for m, row in table.items():
-        cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in cols]
-        print(f"| {m} | " + " | ".join(cells) + " |")
+        print(f"| {m} | " + " | ".join(f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
+                                       for c in cols) + " |")
 
 
-def steps(b: Config, n_steps: int = 30, skip: int = 6, fisher_steps: int = 30) -> dict:
-    """Per-step mode: every VARIANT on the same synthetic batches (lengths 32-64), median ms/step."""
-    dev = resolve_device(b.device)
-    if b.model == "minilm" and dev.type == "cuda":
-        b = dataclasses.replace(b, model="random-roberta-base")
+def step_flops(run, batch) -> float:
+    """Useful FLOPs of a step on real tokens: forward and input-gradient backward of every adapted (frozen)
+    matmul, 4 · d_in · d_out per token (frozen weights need no weight gradient); attention scores and values,
+    12 · length · d per token and layer, forward and backward. Adapters and head (<1%) left out."""
+    n, c = batch["attention_mask"].sum(1).double(), run.model.config
+    per_token = 4 * sum(l.base.in_features * l.base.out_features for l in run.method.layers.values())
+    return float(per_token * n.sum() + 12 * c.num_hidden_layers * c.hidden_size * n.pow(2).sum())
+
+
+def steps(b: Config, n_steps: int = 30, skip: int = 6) -> dict:
+    """Per-step mode: every VARIANT on the same synthetic batches (lengths 32-64): median ms/step after `skip`,
+    the method buckets, the achieved matmul rate, and on a GPU each step's memory above what is resident."""
     data = synthetic(n_steps * b.batch_size, b.batch_size, b.batch_size, seq_len=64, vocab=20000)
     runs = interleave({v: dataclasses.replace(b, epochs=1, **over) for v, over in VARIANTS.items()}, data, n_steps)
-    table = step_table(runs, skip)
-    show(f"{b.model}, budget {b.budget}%, median of {n_steps - skip} steps", table,
-         ("ms_per_step_median", "ratio", "buckets_ms_per_step"))
-    out = {"config": dataclasses.asdict(b), "environment": environment(dev), "variants": table}
-    if fisher_steps:
-        out["fisher_estimator"] = fisher_check(prepare(b, data), fisher_steps)
-    write_json(f"results/bench_steps_{b.model}_{dev.type}.json", out)
+    lora, table = runs["lora"], {}
+    batches = itertools.islice(lora.train_b.epoch(b.seed * 1000, b.group_by_length), n_steps)  # every run's
+    flops = [step_flops(lora, x) for x in batches]
+    for v, r in runs.items():
+        ms = r.clock.ms["step"]
+        table[v] = {"ms_per_step_median": float(torch.tensor(ms[skip:]).median()),
+                    "gflop_per_s": sum(flops[skip:]) / sum(ms[skip:]) / 1e6,
+                    "buckets_ms_per_step": {k: round(sum(t) / n_steps, 3) for k, t in r.clock.ms.items()
+                                            if k != "step"}}
+        table[v]["ratio"] = table[v]["ms_per_step_median"] / table["lora"]["ms_per_step_median"]
+        if r.device.type == "cuda":  # memory one step needs above what is resident (every run's model and state)
+            torch.cuda.reset_peak_memory_stats(r.device)
+            resident = torch.cuda.memory_allocated(r.device)
+            train_step(r, next(r.epoch(0)), 0)
+            table[v]["step_peak_mb"] = (torch.cuda.max_memory_allocated(r.device) - resident) / 2**20
+    peak = {p: matmul_peak(lora.device, dt) for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    env = environment(lora.device)
+    show(f"{b.model} ({b.precision}), budget {b.budget}%, {env['device_name']}, median of {n_steps - skip} steps;"
+         f" matmul peak here: {peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} bf16", table,
+         ("ms_per_step_median", "ratio", "gflop_per_s", "step_peak_mb", "buckets_ms_per_step"))
+    # Warm-up steps are plain LoRA steps (the probes have their own RNG): every warm-up variant saw the same
+    # gradients, so each estimator's importance I_m can be checked against the exact one's, matrix by matrix.
+    I = {u: r.method.fw.fisher.F / r.method.fw.fisher.F.sum() for u, r in runs.items() if u.startswith("fwlora_w")}
+    fisher = {u: {"I_rel_err_median": e.median().item(), "I_rel_err_max": e.max().item()} for u, e in
+              ((u, (i - I["fwlora_warmup_exact"]).abs() / I["fwlora_warmup_exact"]) for u, i in I.items())}
+    show(f"I_m's relative error against the exact estimator ({n_steps} steps)", fisher, tuple(fisher["fwlora_warmup_exact"]))
+    out = {"config": dataclasses.asdict(b), "environment": env, "matmul_peak_gflop_per_s": peak, "variants": table,
+           "fisher_estimator": fisher}
+    write_json(f"results/bench_steps_{b.model}_{b.precision}_{lora.device.type}.json", out)
     return out
 
 
-def fisher_check(run, n_steps: int) -> dict:
-    """The probe estimate's error: exact and probe proxies watch the same LoRA warm-up steps."""
-    layers = list(run.method.layers.values())
-    proxies = {"exact": FisherProxy(layers, estimator="exact")} | {
-        f"probe{k}": FisherProxy(layers, n_probes=k, seed=k) for k in (1, 8, 16, 32)}
-    for p in proxies.values():
-        p.start()
-    for step, batch in zip(range(n_steps), run.epoch(0)):
-        train_step(run, batch, step)  # each proxy's hooks see the backward; update() after it
-        for p in proxies.values():
-            p.update()
-    imp = {k: p.F / p.F.sum() for k, p in proxies.items()}
-    rel = {k: (imp[k] - imp["exact"]).abs() / imp["exact"] for k in proxies if k != "exact"}
-    res = {k: {"I_rel_err_median": e.median().item(), "I_rel_err_max": e.max().item()} for k, e in rel.items()}
-    show(f"Fisher estimator: relative error of I_m against exact after {n_steps} LoRA steps", res,
-         ("I_rel_err_median", "I_rel_err_max"))
-    return res | {"I_exact_min_max": [imp["exact"].min().item(), imp["exact"].max().item()]}
-
-
 def runs(cfg: Config, methods: list[str], data: tuple | None = None) -> dict:
-    """Whole runs of `methods` (cfg otherwise shared), side by side; total time ratios to the first."""
-    for m in methods:
-        check_config(dataclasses.replace(cfg, method=m))
+    """Whole runs of `methods` (cfg otherwise shared), side by side; total time ratios to the first. Each run
+    keeps its own RNG stream, so each ends with the standalone train.py run's loss and metric, bit for bit."""
     prepared = interleave({m: dataclasses.replace(cfg, method=m) for m in methods}, data)
-    base = prepared[methods[0]].clock.ms["step"]
-    table = {}
+    base, table = prepared[methods[0]].clock.ms["step"], {}
     for m, r in prepared.items():
-        ms = r.clock.ms["step"]
-        dev = evaluate(r)
+        ms, dev = r.clock.ms["step"], evaluate(r)
         table[m] = {"train_loss": r.loss_sum.item() / r.n_loss, "accuracy": dev["accuracy"], "mcc": dev["mcc"],
-                    "train_s": sum(ms) / 1e3,
-                    "total_ratio": sum(ms) / sum(base), "buckets_ms_total": {k: sum(v) for k, v in r.clock.ms.items()}}
+                    "train_s": sum(ms) / 1e3, "total_ratio": sum(ms) / sum(base),
+                    "buckets_ms_total": {k: sum(v) for k, v in r.clock.ms.items()}}
         if r.method.fw:  # the Fisher warm-up steps against LoRA's same steps (same batches), and the rest
             K = r.method.fw.warmup_steps
             table[m].update(fw_warmup_steps=K, warmup_step_ratio=sum(ms[:K]) / sum(base[:K]),
                             penalised_step_ratio=sum(ms[K:]) / max(1e-9, sum(base[K:])))
-    show(f"{cfg.task}, budget {cfg.budget}%, {len(base)} steps each, side by side", table,
-         ("train_loss", "accuracy", "mcc", "train_s", "total_ratio", "warmup_step_ratio", "penalised_step_ratio"))
+    show(f"{cfg.task}, budget {cfg.budget}%, {len(base)} steps each, side by side", table, ("train_loss", "accuracy",
+         "mcc", "train_s", "total_ratio", "warmup_step_ratio", "penalised_step_ratio"))
     out = {"config": dataclasses.asdict(cfg) | {"method": methods}, "steps": len(base),
            "environment": environment(prepared[methods[0]].device), "runs": table}
     write_json(f"results/bench_runs_{run_name(dataclasses.replace(cfg, method='-'.join(methods)))}.json", out)
     return out
 
 
-def gpu(tiny: bool = False, n_steps: int = 300) -> dict:
-    """GPU acceptance: every method for n_steps of SST-2 under bf16 on roberta-base (random weights if the hub
-    is out of reach); fails on any error or non-finite loss. tiny: tiny-bert on CPU, a few steps (the test)."""
-    cfg = Config(model="tiny-bert" if tiny else "roberta-base", precision="bf16", epochs=1, task="sst2",
-                 max_train=n_steps * 32, fw_warmup_steps=n_steps // 3, fw_warmup_max_frac=1.0, log_every=10**9)
+def gpu(tiny: bool = False) -> dict:
+    """The GPU acceptance check: steps() on roberta-base (random weights when the hub is out of reach) under bf16
+    for 300 steps. tiny: tiny-bert on CPU for 8 steps, still under bf16 (the test, so it cannot rot)."""
+    b = Config(model="tiny-bert" if tiny else "roberta-base", precision="bf16")
     try:
-        load_model(cfg.model)
+        load_model(b.model)
     except RuntimeError as e:
         print(f"{e}\n-> random-roberta-base instead (roberta-base's exact shapes)")
-        cfg = dataclasses.replace(cfg, model="random-roberta-base")
-    runs = interleave({m: dataclasses.replace(cfg, method=m) for m in METHODS})  # raises on a non-finite loss
-    skip = min(5, n_steps // 10)
-    table = step_table(runs, skip)
-    for m, r in runs.items():
-        ms, fw = r.clock.ms["step"], r.method.fw
-        table[m]["loss_last_epoch"] = r.loss_sum.item() / r.n_loss
-        if fw:
-            K = fw.warmup_steps
-            table[m].update(warmup_ms=sum(ms[skip:K]) / (K - skip), penalised_ms=sum(ms[K:]) / len(ms[K:]))
-        if r.device.type == "cuda":  # memory one step needs above what is resident (every run's model and state)
-            torch.cuda.reset_peak_memory_stats(r.device)
-            resident = torch.cuda.memory_allocated(r.device)
-            train_step(r, next(r.epoch(0)), 0)
-            table[m]["step_peak_mb"] = (torch.cuda.max_memory_allocated(r.device) - resident) / 2**20
-    show(f"GPU check: {cfg.model}, {n_steps} steps, bf16, {environment(runs['lora'].device)['device_name']}",
-         table, ("ms_per_step_median", "ratio", "warmup_ms", "penalised_ms", "step_peak_mb", "loss_last_epoch"))
-    out = {"config": dataclasses.asdict(cfg), "environment": environment(runs["lora"].device), "methods": table}
-    write_json(f"results/bench_gpu_{cfg.model}_{runs['lora'].device.type}.json", out)
-    return out
+        b = dataclasses.replace(b, model="random-roberta-base")
+    return steps(b, n_steps=8 if tiny else 300, skip=2 if tiny else 20)
 
 
 if __name__ == "__main__":
     mode, args = (sys.argv[1], sys.argv[2:]) if sys.argv[1:2] in (["runs"], ["gpu"]) else ("steps", sys.argv[1:])
+    methods = next((a.split("=", 1)[1] for a in args if a.startswith("--methods=")), "lora,fwlora,adalora")
     try:
         if mode == "gpu":
-            gpu(tiny="--tiny" in args)
-        elif mode == "runs":
-            methods = next((a.split("=", 1)[1] for a in args if a.startswith("--methods=")), "lora,fwlora,adalora")
-            runs(parse_args([a for a in args if not a.startswith("--methods=")], Config, __doc__), methods.split(","))
+            gpu(tiny="--tiny=true" in args)
         else:
-            steps(parse_args(args, Config, __doc__))
-    except (ValueError, RuntimeError, FileNotFoundError, FloatingPointError) as e:
+            cfg = parse_args([a for a in args if not a.startswith("--methods=")], Config, __doc__)
+            runs(cfg, methods.split(",")) if mode == "runs" else steps(cfg)
+    except (ValueError, RuntimeError, OSError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

@@ -157,18 +157,30 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if "lora_" in n or is_head(n)}
 
 
-def save_adapters(model: nn.Module, path: str) -> None:
-    from safetensors.torch import save_file  # safetensors, not pickle: loading runs no code
-    save_file(adapter_state(model), path)
+def save_adapters(model: nn.Module, path: str, meta: dict) -> None:
+    """Adapters and head (safetensors, not pickle: loading runs no code), with `meta` (task, method, rank,
+    alpha, targets) in the file's header, so a loader can refuse a file made for another setup."""
+    from safetensors.torch import save_file
+    save_file(adapter_state(model), path, metadata={k: str(v) for k, v in meta.items()})
 
 
-def load_adapters(model: nn.Module, path: str) -> None:
-    from safetensors.torch import load_file
-    state = load_file(path)
+def load_adapters(model: nn.Module, path: str, expect: dict | None = None) -> dict:
+    """Load a save_adapters() file into `model`; `expect`: header entries that must match. Returns the header."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for a file that is not safetensors
+        raise ValueError(f"{path}: not a readable safetensors adapter file ({e})") from None
+    wrong = [f"{k} {meta.get(k, '(absent)')!r} (want {str(v)!r})" for k, v in (expect or {}).items()
+             if meta.get(k) != str(v)]
+    if wrong:
+        raise ValueError(f"{path} was saved for another setup: {', '.join(wrong)}")
     want = adapter_state(model)
     missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    wrong = [n for n in set(want) & set(state) if want[n].shape != state[n].shape]
-    if missing or extra or wrong:
+    other = [n for n in set(want) & set(state) if want[n].shape != state[n].shape]
+    if missing or extra or other:
         raise ValueError(f"{path} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}, "
-                         f"other shape {wrong[:3]} (was it saved with another method, rank or target set?)")
+                         f"other shape {other[:3]} (was it saved with another method, rank or target set?)")
     model.load_state_dict(state, strict=False)
+    return meta

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 
 from data import TASKS
-from lora import adapter_params
+from lora import DEFAULT_TARGETS, adapter_params, save_adapters
 
 NAMES = {"lora": "LoRA", "adalora": "AdaLoRA", "fwlora": "FW-LoRA", "l2lora": "uniform L2 (ablation)"}
 METHODS = tuple(NAMES)  # the one list of methods: train.py, run_all.sh and the tables take it from here
@@ -91,7 +91,7 @@ def environment(device: torch.device) -> dict:
 
 def summarise(run, result: dict, paths: dict) -> dict:
     """A finished train.Run's result: the final metric, achieved budget, timing, each method's diagnostics;
-    written to <name>.json, the run's stale partial and error files removed."""
+    written to <name>.json (adapters to <name>.safetensors if asked), stale partial and error files removed."""
     cfg, layers, ada, fw, info = run.cfg, run.method.layers, run.method.ada, run.method.fw, run.method.info
     metric = TASKS[cfg.task][1]
     n_adapter = adapter_params(list(layers.values()), ada.rank_pattern() if ada else None)
@@ -116,6 +116,9 @@ def summarise(run, result: dict, paths: dict) -> dict:
                              "total_rank": sum(ada.rank_pattern()), "target_total_rank": ada.b_target}
     result["peak_memory_mb"] = (torch.cuda.max_memory_allocated(run.device) / 2**20 if run.device.type == "cuda"
                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if cfg.save_adapters:
+        save_adapters(run.model, paths["adapters"], {"task": cfg.task, "method": cfg.method, "rank": info["rank"],
+                                                     "lora_alpha": cfg.lora_alpha, "targets": DEFAULT_TARGETS})
     write_json(paths["final"], result)
     for stale in (paths["partial"], paths["error"]):
         if os.path.exists(stale):
@@ -151,6 +154,16 @@ class Clock:
             for name, pairs in self.pending.items():
                 self.ms[name] += [s.elapsed_time(e) for s, e in pairs]
             self.pending.clear()
+
+
+def matmul_peak(device, dtype, n: int = 2048) -> float:
+    """GFLOP/s of an n × n matmul here, the median of 10 after a warm-up: the limit a step is compared with."""
+    a, clock = torch.randn(n, n, device=device, dtype=dtype), Clock(device)
+    for _ in range(11):
+        with clock("mm"):
+            a @ a
+    clock.collect()
+    return 2 * n ** 3 / sorted(clock.ms["mm"][1:])[5] / 1e6
 
 
 # Reading: the sweep's plan, the tables and the figure ------------------------------------------------------

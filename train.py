@@ -3,10 +3,9 @@
     python train.py --task=sst2 --method=fwlora --budget=0.2 --max_train=8000 --epochs=1 --lr=2e-3
     python train.py --help            # every Config field: default, unit and where the default comes from
 
-Top to bottom: Config, build_method() (adapters and method state), prepare() (a run's whole state: `Run`),
-train_step(run, batch, step) (each method's extra work is one commented line where it acts), train(cfg)
-(setup -> loop -> evaluate -> summarise -> write). Files: report.py (<name>.json, .partial.json per epoch,
-.error.json on failure). Tests call `train(Config(...))` directly.
+Top to bottom: Config, build_method(), prepare() (a run's whole state, `Run`), train_step(run, batch, step)
+(each method's extra work is one commented line where it acts), train(cfg): setup -> loop -> evaluate ->
+summarise -> write <name>.json (.partial.json per epoch, .error.json on failure; report.py).
 
 Random streams, all derived from `seed`: the global torch RNG (seeded once in prepare(): random models,
 adapter and head init, dropout); the training subset (Generator(seed), data.make_batches); the batch order
@@ -26,11 +25,11 @@ import torch
 from tqdm import tqdm
 
 from adalora import AdaLoRALinear, RankAllocator, ada_initial_rank, check_schedule
-from data import TASKS, Batches, check_task, load_model, make_batches
+from data import Batches, check_task, load_model, make_batches
 from fisher import FWLoRA
 from report import METHODS, Clock, environment, metrics, result_paths, run_name, summarise, write_json
-from lora import (DEFAULT_TARGETS, LoRALinear, adapter_params, count_base_params, freeze_base, inject, rank_for_budget,
-                  save_adapters, target_names)
+from lora import (LoRALinear, adapter_params, count_base_params, freeze_base, inject, rank_for_budget,
+                  target_names)
 
 @dataclass
 class Config:
@@ -81,17 +80,12 @@ class Config:
     overwrite: bool = False       # replace a finished result of the same name (otherwise an error)
 
 
-def field_comments(cls) -> dict[str, str]:
-    """{field: the comment on its line in the source}: what --help prints."""
-    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
-
-
 def parse_args(argv: list[str], cls=Config, doc: str = __doc__):
     """`--field=value` for any field of the dataclass `cls`, typed from its defaults; `--help` lists them."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if any(a in ("-h", "--help") for a in argv):
         print(doc)
-        notes = field_comments(cls)
+        notes = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))  # each field's comment
         for f in fields.values():
             print(f"  --{f.name}={f.default!r}".ljust(32) + f" {notes.get(f.name, '')}")
         sys.exit(0)
@@ -113,23 +107,20 @@ def parse_args(argv: list[str], cls=Config, doc: str = __doc__):
 def check_config(cfg: Config) -> None:
     """Fail before any work on input that cannot run, with what to do instead."""
     check_task(cfg.task)
-    for key, allowed in (("method", METHODS), ("device", ("auto", "cpu", "cuda")),
-                         ("precision", ("auto", "bf16", "fp32")), ("fw_estimator", ("probe", "exact")),
-                         ("fw_form", ("delta", "factors"))):
+    for key, allowed in (("method", METHODS), ("device", ("auto", "cpu", "cuda")), ("precision", ("auto", "bf16",
+                         "fp32")), ("fw_estimator", ("probe", "exact")), ("fw_form", ("delta", "factors"))):
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"unknown {key} {getattr(cfg, key)!r}: choose one of {', '.join(allowed)}")
     if not 0 < cfg.budget < 100:
         raise ValueError(f"--budget must be > 0 and < 100 (percent of base parameters), got {cfg.budget}")
-    small = [k for k in ("epochs", "batch_size", "max_length", "ada_delta_t", "fw_warmup_steps", "fw_probes",
-                         "log_every") if getattr(cfg, k) < 1]
-    small += [k for k in ("max_train", "max_eval", "max_grad_norm", "timing_skip") if getattr(cfg, k) < 0]
-    if small or not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise ValueError(f"out of range: {', '.join('--' + k for k in small) or '--lr'} (counts >= 1, caps and "
-                         f"norms >= 0 with 0 = off, lr > 0)")
+    bad = [k for k in ("epochs", "batch_size", "max_length", "ada_delta_t", "fw_warmup_steps", "fw_probes",
+                       "log_every") if getattr(cfg, k) < 1] + [k for k in ("max_train", "max_eval", "max_grad_norm",
+                       "timing_skip", "weight_decay") if getattr(cfg, k) < 0] + ["lr"] * (not 0 < cfg.lr < math.inf)
+    if bad:
+        raise ValueError(f"out of range: --{', --'.join(bad)} (counts >= 1; caps, norms >= 0, 0 = off; lr > 0)")
 
 
 def resolve_device(name: str) -> torch.device:
-    """The device, resolved once and printed with the reason."""
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device=cuda but no CUDA GPU is available: use --device=auto or cpu")
     dev = torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
@@ -164,8 +155,8 @@ def build_method(cfg: Config, model, total_steps: int) -> Method:
     ada = fw = None
     if cfg.method == "adalora":
         r0 = ada_initial_rank(r, cfg.ada_init_ratio)
-        t_init = cfg.ada_t_init if cfg.ada_t_init >= 0 else round(0.1 * total_steps)
-        t_final = cfg.ada_t_final if cfg.ada_t_final >= 0 else round(0.4 * total_steps)
+        t_init, t_final = [t if t >= 0 else round(frac * total_steps)  # -1: 10% and 40% of T
+                           for t, frac in ((cfg.ada_t_init, 0.1), (cfg.ada_t_final, 0.4))]
         check_schedule(total_steps, t_init, t_final, cfg.ada_delta_t)  # before touching the model
         layers = inject(model, lambda lin: AdaLoRALinear(lin, r0, cfg.lora_alpha, cfg.lora_dropout))
         ada = RankAllocator(list(layers.values()), b_target=r * len(names), total_steps=total_steps,
@@ -180,6 +171,7 @@ def build_method(cfg: Config, model, total_steps: int) -> Method:
                     n_probes=cfg.fw_probes, uniform=cfg.method == "l2lora", form=cfg.fw_form, seed=cfg.seed)
         info["fw_warmup_steps"] = K
     freeze_base(model)
+    info["initial_adapter_params"] = adapter_params(list(layers.values()))  # AdaLoRA: before pruning
     return Method(layers, ada, fw, info)
 
 
@@ -230,9 +222,8 @@ def prepare(cfg: Config, data: tuple | None = None) -> Run:
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     method.info["n_trainable_params"] = sum(p.numel() for p in trainable)
-    zero = torch.zeros((), device=device)
     return Run(cfg, device, autocast_for(device, cfg.precision), model, train_b, dev_b, method, opt, T,
-               Clock(device), zero.clone(), zero.long() - 1)
+               Clock(device), torch.zeros((), device=device), torch.full((), -1, device=device))
 
 
 def train_step(run: Run, batch: dict, step: int):
@@ -272,8 +263,7 @@ def train_step(run: Run, batch: dict, step: int):
 
 def check_finite(run: Run) -> None:
     if run.bad_step.item() >= 0:
-        raise FloatingPointError(f"the loss became NaN or inf at step {run.bad_step.item()}: lower --lr, or check "
-                                 "the data")
+        raise FloatingPointError(f"the loss became NaN or inf at step {run.bad_step.item()}: lower --lr or check data")
 
 
 @torch.no_grad()
@@ -282,10 +272,8 @@ def evaluate(run: Run) -> dict:
     run.model.eval()
     preds = torch.empty(len(run.dev_b.labels), dtype=torch.long)
     for idx in run.dev_b.order(seed=None):
-        batch = run.dev_b.collate(idx)
         with run.autocast():
-            logits = run.model(input_ids=batch["input_ids"].to(run.device),
-                               attention_mask=batch["attention_mask"].to(run.device)).logits
+            logits = run.model(**{k: v.to(run.device) for k, v in run.dev_b.collate(idx).items() if k != "labels"}).logits
         preds[idx] = logits.argmax(-1).cpu()
     return metrics(preds, run.dev_b.labels) | {"preds": preds.tolist()}
 
@@ -300,9 +288,8 @@ def train(cfg: Config, data: tuple | None = None) -> dict:
         run = prepare(cfg, data)
         ada, fw, info = run.method.ada, run.method.fw, run.method.info
         result.update(budget=info, environment=environment(run.device))
-        n0 = adapter_params(list(run.method.layers.values()))  # AdaLoRA: before pruning
         print(f"{cfg.task} {cfg.method} budget {cfg.budget}%: rank {info.get('ada_init_rank', info['rank'])} on "
-              f"{info['n_matrices']} matrices, {n0:,} adapter params ({100 * n0 / info['n_base_params']:.3f}%)"
+              f"{info['n_matrices']} matrices, {info['initial_adapter_params']:,} adapter params"
               + (f" pruned to total rank {ada.b_target}" if ada else "") + f", {run.T} steps")
         for epoch in range(cfg.epochs):
             bar = tqdm(run.epoch(epoch), total=len(run.train_b), desc=f"epoch {epoch + 1}", leave=False, disable=None)
@@ -329,10 +316,7 @@ def train(cfg: Config, data: tuple | None = None) -> dict:
         if result["epochs"]:
             print(f"epochs 1-{len(result['epochs'])} are kept in {paths['partial']}", file=sys.stderr)
         raise
-    if cfg.save_adapters:
-        save_adapters(run.model, paths["adapters"], {"task": cfg.task, "method": cfg.method,
-                                                     "lora_alpha": cfg.lora_alpha, "targets": DEFAULT_TARGETS})
-    return summarise(run, result, paths)
+    return summarise(run, result, paths)  # writes <name>.json (and the adapters if asked)
 
 
 if __name__ == "__main__":
@@ -342,5 +326,4 @@ if __name__ == "__main__":
     except (ValueError, RuntimeError, OSError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        print("interrupted: finished epochs are in the .partial.json result", file=sys.stderr)
-        sys.exit(130)  # run_all.sh reads 130 as "stop the sweep"
+        sys.exit(130)  # interrupted; the .error.json says how far it got

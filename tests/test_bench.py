@@ -3,6 +3,8 @@ acceptance check runs end to end in its tiny CPU mode (so it cannot rot before a
 import dataclasses
 import json
 
+import torch
+
 import bench
 from conftest import toy_data
 from test_train import tiny
@@ -26,9 +28,20 @@ def test_interleaved_runs_reproduce_standalone_runs(tmp_path, monkeypatch):
 
 def test_gpu_acceptance_check_in_tiny_cpu_mode(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    out = bench.gpu(tiny=True, n_steps=8)
-    saved = json.load(open(tmp_path / "results" / "bench_gpu_tiny-bert_cpu.json"))
-    assert saved["config"]["precision"] == "bf16" and set(saved["methods"]) == {"lora", "adalora", "fwlora", "l2lora"}
-    t = out["methods"]
-    assert t["lora"]["ratio"] == 1.0 and all(r["ms_per_step_median"] > 0 for r in t.values())
-    assert t["fwlora"]["warmup_ms"] > 0 and t["fwlora"]["penalised_ms"] > 0
+    out = bench.gpu(tiny=True)
+    saved = json.load(open(tmp_path / "results" / "bench_steps_tiny-bert_bf16_cpu.json"))
+    assert saved["config"]["precision"] == "bf16" and set(saved["variants"]) == set(bench.VARIANTS)
+    t = out["variants"]
+    assert t["lora"]["ratio"] == 1.0 and all(r["ms_per_step_median"] > 0 and r["gflop_per_s"] > 0 for r in t.values())
+    assert "fisher" in t["fwlora_warmup_probe16"]["buckets_ms_per_step"]
+    assert "penalty" in t["fwlora_penalised"]["buckets_ms_per_step"]
+    assert "allocator" in t["adalora_masking"]["buckets_ms_per_step"]
+
+
+def test_step_flops_by_hand():
+    from conftest import toy_data
+    from train import prepare
+    run = prepare(tiny("."), toy_data())  # tiny-bert: hidden 32, FFN 64, 2 layers
+    batch = {"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
+    per_token = 4 * 2 * (4 * 32 * 32 + 2 * 32 * 64)  # 4 flops per weight; q, k, v, o, FFN in, FFN out; 2 layers
+    assert bench.step_flops(run, batch) == per_token * 5 + 12 * 2 * 32 * (3 ** 2 + 2 ** 2)

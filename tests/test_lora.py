@@ -123,11 +123,19 @@ def test_save_then_load_reproduces_outputs(tmp_path):
         torch.nn.init.normal_(l.lora_B)
     batch = tiny_batch()
     ref = model(**batch).logits
-    save_adapters(model, tmp_path / "a.safetensors")
+    meta = {"task": "sst2", "method": "lora", "rank": 2, "lora_alpha": 4.0}
+    save_adapters(model, tmp_path / "a.safetensors", meta)
     fresh, _ = lora_model()
     assert not torch.allclose(fresh(**batch).logits, ref)
-    load_adapters(fresh, tmp_path / "a.safetensors")
+    assert load_adapters(fresh, tmp_path / "a.safetensors", meta) == {k: str(v) for k, v in meta.items()}
     assert torch.equal(fresh(**batch).logits, ref)
     other, _ = lora_model(r=3)
-    with pytest.raises((ValueError, RuntimeError)):
+    with pytest.raises(ValueError, match="a.safetensors does not fit this model"):
         load_adapters(other, tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match=r"a.safetensors was saved for another setup: lora_alpha '4.0' \(want '16.0'\)"):
+        load_adapters(fresh, tmp_path / "a.safetensors", meta | {"lora_alpha": 16.0})
+    with pytest.raises(ValueError, match="a.safetensors was saved for another setup: task 'sst2'"):
+        load_adapters(fresh, tmp_path / "a.safetensors", {"task": "cola"})
+    (tmp_path / "b.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="b.safetensors: not a readable safetensors adapter file"):
+        load_adapters(fresh, tmp_path / "b.safetensors")
