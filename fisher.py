@@ -14,14 +14,82 @@ Where this differs from the hypothesis's sketch code, on purpose:
   * I_m exists before it is used; scores are keyed by the adapted module, not by name.split(".")[0].
   * The penalty is ‖ΔW‖_F² as the text says, via s²·tr((BᵀB)(AAᵀ)): two r × r Gram products, never the
     d_out × d_in matrix. The sketch's ‖A‖² + ‖B‖² is kept as an option (form="factors").
-With 72 matrices I_m averages 1/72, so (1 - I_m) sits near 1: the uniform ablation ("l2lora": every
-weight set to the mean 1 - 1/M, so the total penalty scale matches) tests whether the weighting matters.
+With 72 matrices I_m averages 1/72, so (1 - I_m) sits near 1. The controls that can refute the idea reuse
+the same statistic and code (penalty_weights, every variant at the same mean weight 1 - 1/M):
+  * l2lora, uniform: every weight 1 - 1/M. Does the weighting matter at all at this spread?
+  * fwshuffle: FW-LoRA's weights under a seeded permutation. Same spread, random assignment: do the
+    Fisher scores carry information, or only their spread?
+  * fwmax: I_m = F_m / max F, so the most important matrix is not penalised at all: a sharper weighting.
+  * fwrank: the signal used for hard reallocation instead (GoRA / FIM-LoRA style): a pre-pass over K
+    batches (fisher_prepass), then ranks r_m ∝ I_m at uniform LoRA's parameter count (allocate_ranks),
+    then plain LoRA with those ranks and no penalty.
 All state (F, the probe generator, the weights) is created like the adapters it serves (device, dtype).
 Tests: `python -m pytest tests/test_fisher.py`.
 """
 import torch
 
-from lora import shape_groups
+from lora import LoRALinear, freeze_base, inject, shape_groups
+
+WEIGHTINGS = ("sum", "max", "uniform", "shuffle")  # fwlora (the hypothesis), fwmax, l2lora, fwshuffle
+
+
+def warmup_length(K: int, max_frac: float, total_steps: int) -> int:
+    """K, at most max_frac of the run and at least one step (500 is 7.9% of a full 3-epoch SST-2 run)."""
+    return max(1, min(K, int(max_frac * total_steps)))
+
+
+def penalty_weights(F: torch.Tensor, weighting: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(importance I, weights w) from the Fisher statistic F; every weighting has mean w = 1 - 1/M (the
+    hypothesis's), so all variants are compared at the same total penalty scale.
+    sum: I = F / Σ F, w = 1 - I (the hypothesis). max: I = F / max F, w ∝ 1 - I (the top matrix gets 0).
+    uniform: w = 1 - 1/M everywhere. shuffle: sum's weights permuted by a seeded permutation (never the identity)."""
+    M = len(F)
+    I = F / (F.max() if weighting == "max" else F.sum())
+    w = torch.full_like(F, 1 - 1 / M) if weighting == "uniform" else 1 - I
+    if weighting == "shuffle":
+        g, perm = torch.Generator().manual_seed(seed), torch.arange(M)
+        while M > 1 and torch.equal(perm, torch.arange(M)):
+            perm = torch.randperm(M, generator=g)
+        w = w[perm.to(w.device)]
+    return I, w * (1 - 1 / M) / w.mean()
+
+
+def allocate_ranks(importance: torch.Tensor, costs: list[int], budget: int, r_min: int, r_max: list[int]) -> list[int]:
+    """fwrank: ranks r_m ∝ I_m (r_min <= r_m <= r_max_m) whose adapter count Σ r_m·cost_m stays within one unit of
+    rank below `budget`: proportional shares, rounded down, then +1 by largest remainder while it fits."""
+    cost = torch.tensor(costs, dtype=torch.float64)
+    I = importance.double().cpu()
+    share = r_min + (budget - r_min * cost.sum()) * I / (I * cost).sum()  # Σ share·cost = budget
+    ranks = share.floor().clamp(r_min, None).long().tolist()
+    left = budget - sum(r * c for r, c in zip(ranks, costs))
+    for m in torch.argsort(share - share.floor(), descending=True, stable=True).tolist():
+        if costs[m] <= left and ranks[m] < r_max[m]:
+            ranks[m], left = ranks[m] + 1, left - costs[m]
+    return [min(r, r_hi) for r, r_hi in zip(ranks, r_max)]
+
+
+def fisher_prepass(model, rank: int, batches, autocast, *, decay: float = 0.98, estimator: str = "probe",
+                   n_probes: int = 16, seed: int = 0) -> dict[str, float]:
+    """fwrank's pre-pass: {module name: F_m} over `batches` (forward and backward, no optimiser step), with the
+    FW-LoRA hooks on temporary rank-`rank` adapters (B = 0: the model is the pretrained one), removed after.
+    Moves no parameter and draws nothing from the global RNG (dropout's draws are rolled back)."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        layers = inject(model, lambda lin: LoRALinear(lin, rank, alpha=1.0))
+        freeze_base(model)
+        proxy = FisherProxy(list(layers.values()), decay=decay, estimator=estimator, n_probes=n_probes, seed=seed)
+        proxy.start()
+        model.train()
+        for batch in batches:
+            with autocast():
+                model(**batch).loss.backward()
+            proxy.update()
+        proxy.stop()
+        model.zero_grad(set_to_none=True)
+        for name, layer in layers.items():  # the pretrained nn.Linear back in its place
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer.base)
+    return dict(zip(layers, proxy.F.tolist()))
 
 
 def sq_grad_norm_exact(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -122,12 +190,14 @@ class FWLoRA:
     """The method's schedule: Fisher warm-up for K steps, then I_m fixed and the weighted penalty on."""
 
     def __init__(self, layers: list, *, warmup_steps: int, decay: float = 0.98, estimator: str = "probe",
-                 n_probes: int = 16, uniform: bool = False, form: str = "delta", seed: int = 0):
+                 n_probes: int = 16, weighting: str = "sum", form: str = "delta", seed: int = 0):
         if warmup_steps < 1:
             raise ValueError(f"FW-LoRA needs at least one warm-up step to score matrices, got {warmup_steps}")
-        if form not in ("delta", "factors"):
-            raise ValueError(f"fw_form must be 'delta' (‖ΔW‖²) or 'factors' (‖A‖²+‖B‖²), got {form!r}")
-        self.layers, self.warmup_steps, self.uniform, self.form = layers, warmup_steps, uniform, form
+        if form not in ("delta", "factors") or weighting not in WEIGHTINGS:
+            raise ValueError(f"fw_form must be 'delta' (‖ΔW‖²) or 'factors' (‖A‖²+‖B‖²), got {form!r}; "
+                             f"weighting one of {WEIGHTINGS}, got {weighting!r}")
+        self.layers, self.warmup_steps, self.weighting, self.form = layers, warmup_steps, weighting, form
+        self.seed = seed
         self.fisher = FisherProxy(layers, decay=decay, estimator=estimator, n_probes=n_probes, seed=seed)
         self.fisher.start()
         self.importance = self.weights = self.penalty_fn = None  # exist only after end_warmup()
@@ -137,14 +207,13 @@ class FWLoRA:
         return self.penalty_fn is None
 
     def end_warmup(self):
-        """After K steps: drop the hooks, I_m = F_m / Σ F_m, weights w_m = 1 - I_m (or all 1 - 1/M)."""
+        """After K steps: drop the hooks, fix I_m and the weights w_m (penalty_weights: 1 - I_m for FW-LoRA)."""
         self.fisher.stop()
         F = self.fisher.F
         if not torch.isfinite(F).all() or F.sum() <= 0:
             raise FloatingPointError(f"Fisher statistics are not usable (sum {F.sum().item()}): "
                                      "did the warm-up see any gradient?")
-        self.importance = F / F.sum()
-        self.weights = torch.full_like(F, 1 - 1 / len(F)) if self.uniform else 1 - self.importance
+        self.importance, self.weights = penalty_weights(F, self.weighting, self.seed)
         self.penalty_fn = DeltaWPenalty(self.layers, self.weights, self.form)
 
     def penalty(self) -> torch.Tensor:

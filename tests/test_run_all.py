@@ -13,9 +13,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def sweep(out, *overrides, methods="lora fwlora", **popen):
+def sweep(out, *overrides, methods="lora fwlora", env=None, **popen):
     env = os.environ | {"TASKS": "sst2", "BUDGETS": "0.5", "METHODS": methods, "OUT": str(out),
-                        "PYTHON": sys.executable}
+                        "PYTHON": sys.executable} | (env or {})
     return subprocess.Popen(["bash", "run_all.sh", "smoke", *overrides], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
@@ -27,31 +27,37 @@ def wait_for(path, p, timeout=120):
     assert path.exists(), p.communicate()[0]
 
 
-def test_sigterm_stops_the_runs_and_resume_finishes_without_redoing(tmp_path):
-    p = sweep(tmp_path)
-    first = tmp_path / "sst2_lora_b0.5_s0.json"
-    wait_for(first, p)
-    wait_for(tmp_path / "sst2_fwlora_b0.5_s0.log", p)  # the second run has started
-    time.sleep(1.5)
-    os.kill(p.pid, signal.SIGTERM)  # the sweep alone: it must stop its run too
+def test_sigterm_stops_parallel_runs_and_resume_finishes_without_redoing(tmp_path):
+    methods = ("lora", "fwlora", "adalora")
+    p = sweep(tmp_path, methods=" ".join(methods), env={"JOBS": "2"})
+    wait_for(tmp_path / "sst2_lora_b0.5_s0.json", p)
+    os.kill(p.pid, signal.SIGTERM)  # the sweep alone: it must stop its runs too
     out = p.communicate(timeout=60)[0]
     assert p.returncode == 130 and "interrupted" in out, out
     time.sleep(0.5)
     ps = subprocess.run(["pgrep", "-f", f"out_dir={tmp_path}"], capture_output=True, text=True).stdout
     assert not ps, f"orphaned train.py: {ps}"
-    assert not (tmp_path / "sst2_fwlora_b0.5_s0.json").exists()  # never a half-written result
-    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
-    stamp = first.stat().st_mtime_ns
+    done = {m: (tmp_path / f"sst2_{m}_b0.5_s0.json").stat().st_mtime_ns for m in methods
+            if (tmp_path / f"sst2_{m}_b0.5_s0.json").exists()}
+    assert "adalora" not in done and not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # no half-written file
+    log = (tmp_path / "sst2_lora_b0.5_s0.log").read_text()
+    assert "accuracy" in log and "\x1b[" not in log and "LOAD REPORT" not in log  # plain text, as it happened
+    assert "device: cpu" in (tmp_path / "sst2_adalora_b0.5_s0.log").read_text()  # written before it was stopped
 
-    p = sweep(tmp_path)
+    p = sweep(tmp_path, methods=" ".join(methods), env={"JOBS": "2"})
     out = p.communicate(timeout=180)[0]
     assert p.returncode == 0, out
-    assert "skip sst2_lora_b0.5_s0 (done)" in out and out.count("=== ") == 1
-    assert first.stat().st_mtime_ns == stamp  # not redone
-    assert (tmp_path / "sst2_fwlora_b0.5_s0.json").exists()
+    assert all(f"skip sst2_{m}_b0.5_s0 (done)" in out for m in done) and out.count("=== ") == 3 - len(done)
+    assert all((tmp_path / f"sst2_{m}_b0.5_s0.json").stat().st_mtime_ns == t for m, t in done.items())  # not redone
     table = (tmp_path / "table.md").read_text()
-    assert "| LoRA |" in table and "| FW-LoRA |" in table and "SST-2 acc 0.5%" in table
+    assert "| LoRA |" in table and "| FW-LoRA |" in table and "| AdaLoRA |" in table and "SST-2 acc 0.5%" in table
     assert "Failed runs" not in table  # the interrupted run's .error.json went with its success
+
+    from train import Config, parse_args, train  # parallel workers give the serial, in-process results
+    spec = (f"--model=tiny-bert --max_train=128 --max_eval=64 --epochs=2 --lr=2e-3 --task=sst2 --budget=0.5 "
+            f"--out_dir={tmp_path / 'serial'} --method=fwlora")
+    serial = train(parse_args(spec.split(), Config))
+    assert json.load(open(tmp_path / "sst2_fwlora_b0.5_s0.json"))["epochs"] == serial["epochs"]
 
 
 def test_ctrl_c_stops_a_sweep_started_in_the_background(tmp_path):
@@ -78,8 +84,8 @@ SPEC = "--model=tiny-bert --task=sst2 --method=lora --budget=0.5 --seed=0 --lr=2
 
 def finished(tmp_path, **changes):
     """A finished result of SPEC's run, as train.py would write it, with `changes` to its config."""
-    from train import parse_args
-    cfg = dataclasses.asdict(parse_args(SPEC.format(tmp_path).split())) | changes
+    from train import Config, parse_args
+    cfg = dataclasses.asdict(parse_args(SPEC.format(tmp_path).split(), Config)) | changes
     (tmp_path / "sst2_lora_b0.5_s0.json").write_text(json.dumps({"config": cfg, "status": "ok"}))
 
 
@@ -97,6 +103,11 @@ def test_plan_reuses_only_the_same_run_and_moves_corrupt_results_aside(tmp_path)
     (tmp_path / "sst2_lora_b0.5_s0.json").write_text('{"config": {"task"')  # truncated
     assert plan(str(tmp_path), [spec]) == [f"todo sst2_lora_b0.5_s0 {spec}"]
     assert (tmp_path / "sst2_lora_b0.5_s0.corrupt").exists() and not (tmp_path / "sst2_lora_b0.5_s0.json").exists()
+    finished(tmp_path)
+    padded = spec.replace("--budget=0.5", "--budget=0.50").replace("--seed=0", "--seed=00")  # BUDGETS="0.50"
+    assert plan(str(tmp_path), [padded]) == ["done sst2_lora_b0.5_s0"]  # one name formula: it resumes
+    with pytest.raises(SystemExit, match="(?s)--glue_dir.*Nothing was run"):  # data checked once, up front
+        plan(str(tmp_path / "new"), [spec + " --glue_dir=/nonexistent"])
 
 
 def test_a_result_from_another_config_stops_the_sweep_before_any_work(tmp_path):

@@ -19,13 +19,13 @@ def tiny(tmp_path, **kw):
 
 
 def test_parse_args_types_errors_and_help(capsys):
-    cfg = parse_args(["--lr=1e-3", "--epochs=2", "--method=fwlora", "--save_adapters=true", "--glue_dir=hub"])
+    cfg = parse_args(["--lr=1e-3", "--epochs=2", "--method=fwlora", "--save_adapters=true", "--glue_dir=hub"], Config)
     assert (cfg.lr, cfg.epochs, cfg.method, cfg.save_adapters, cfg.glue_dir) == (1e-3, 2, "fwlora", True, "hub")
     for bad in (["--nope=1"], ["--epochs=two"], ["lr=1"], ["--save_adapters=maybe"], ["--lr=1", "--lr=2"]):
         with pytest.raises(SystemExit):
-            parse_args(bad)
+            parse_args(bad, Config)
     with pytest.raises(SystemExit):
-        parse_args(["--help"])
+        parse_args(["--help"], Config)
     out = capsys.readouterr().out
     assert "--fw_lambda=0.0001" in out and "λ of the penalty (hypothesis)" in out
     assert "--max_grad_norm=1.0" in out and "clip the global gradient norm" in out
@@ -38,6 +38,9 @@ def test_parse_args_types_errors_and_help(capsys):
     (dict(budget=0), "budget must be > 0"),
     (dict(budget=float("inf")), "budget must be > 0"),
     (dict(fw_probes=0), "--fw_probes"),
+    (dict(fw_warmup_steps=0), "--fw_warmup_steps"),
+    (dict(max_length=0), "--max_length"),
+    (dict(fw_form="bogus"), "unknown fw_form 'bogus'"),
     (dict(max_train=-5), "--max_train"),
     (dict(budget=0.001), "below half of rank 1"),
     (dict(glue_dir="/nonexistent"), "point --glue_dir"),
@@ -64,16 +67,20 @@ def test_output_folder_problems_are_caught_before_any_work(tmp_path):
     train(tiny(tmp_path, overwrite=True), toy_data())
 
 
-def test_hub_model_offline_message(tmp_path, monkeypatch):
-    import huggingface_hub.constants
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at start-up
-    with pytest.raises(RuntimeError, match="offline, use --model=minilm"):
+def test_hub_model_offline_message_comes_at_once(tmp_path, monkeypatch):
+    import time
+    import data
+    monkeypatch.setattr(data, "hub_reachable", lambda: False)  # no network: the local cache only, no retries
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match="not in the local cache and the hub is out of reach.*Offline, use --model=minilm"):
         train(tiny(tmp_path, model="roberta-base-not-cached"), toy_data())
+    assert time.time() - t0 < 10
 
 
 def test_nan_loss_stops_names_step_and_keeps_results(tmp_path):
-    with pytest.raises(FloatingPointError, match=r"NaN or inf at step \d+"):
+    with pytest.raises(FloatingPointError, match=r"NaN or inf at step \d+") as e:
         train(tiny(tmp_path, lr=1e30, log_every=2, max_grad_norm=0), toy_data())
+    assert "partial" not in str(e.value)  # epoch 1 never finished: no .partial.json to point to
     err = json.load(open(tmp_path / "sst2_lora_b0.5_s0.error.json"))
     assert err["status"] == "error" and "step" in err["error"]
     assert not (tmp_path / "sst2_lora_b0.5_s0.json").exists()
@@ -204,3 +211,22 @@ def test_minilm_learns_real_sst2(tmp_path):
                      out_dir=str(tmp_path)))
     assert r["epochs"][-1]["train_loss"] < r["epochs"][0]["train_loss"]
     assert r["final"] >= 0.7 and r["epochs"][-1]["mcc"] > 0.3  # chance is 0.5 / MCC 0
+
+
+def test_fwrank_with_uniform_allocation_is_loras_run(tmp_path, monkeypatch):
+    """fwrank = pre-pass + plain LoRA at the allocated ranks: forced to uniform ranks it is LoRA's run exactly."""
+    import train as train_module
+    monkeypatch.setattr(train_module, "allocate_ranks", lambda I, costs, budget, r_min, r_max: [budget // sum(costs)] * len(costs))
+    lora = train(tiny(tmp_path, method="lora", lora_dropout=0.1), toy_data())
+    fwrank = train(tiny(tmp_path, method="fwrank", lora_dropout=0.1, fw_warmup_steps=3), toy_data())
+    assert fwrank["epochs"] == lora["epochs"]  # the pre-pass moved nothing and drew nothing from the RNG
+    assert fwrank["budget"]["fw_prepass_steps"] == 3 and fwrank["timing"]["buckets_ms_total"]["prepass"] > 0
+
+
+def test_fwrank_allocates_from_the_prepass(tmp_path):
+    r = train(tiny(tmp_path, method="fwrank", fw_warmup_steps=4), toy_data())
+    ranks, I = r["budget"]["fwrank_ranks"], r["budget"]["fwrank_importance"]
+    assert len(set(ranks.values())) > 1 and sum(I.values()) == pytest.approx(1)
+    uniform = r["budget"]["rank"] * 2 * (4 * (32 + 32) + 2 * (32 + 64))
+    assert uniform - (32 + 64) < r["budget"]["adapter_params"] <= uniform  # within one unit of rank
+    assert max(ranks, key=ranks.get) == max(I, key=I.get)

@@ -1,0 +1,60 @@
+"""report.py's statistics on synthetic result files with known differences: the paired intervals exclude 0
+where the difference is large and include it where there is none; degenerate runs are counted; the verdict
+and tables are written from the numbers."""
+import json
+
+import torch
+
+from report import main, metrics, paired_bootstrap
+
+N = 900  # dev examples
+
+
+def fake_run(method, seed, p_correct, labels, task="sst2", budget=0.2, one_class=False):
+    g = torch.Generator().manual_seed(hash((method, seed, p_correct)) % 2**31)
+    right = torch.rand(N, generator=g) < p_correct
+    preds = torch.zeros(N, dtype=torch.long) if one_class else torch.where(right, labels, 1 - labels)
+    m = metrics(preds, labels)
+    metric = "accuracy" if task == "sst2" else "mcc"
+    return {"config": {"task": task, "method": method, "budget": budget, "seed": seed, "model": "minilm",
+                       "max_train": 100}, "status": "ok", "metric": metric, "final": m[metric], "best": m[metric],
+            "dev_labels": labels.tolist(), "epochs": [{"preds": preds.tolist(), **m}],
+            "budget": {"adapter_pct": 0.18}, "environment": {"device": "cpu", "device_name": "x", "threads": 1}}
+
+
+def test_paired_intervals_separate_real_differences_from_none():
+    labels = torch.randint(0, 2, (N,), generator=torch.Generator().manual_seed(0))
+    for task in ("sst2", "cola"):
+        good = [fake_run("lora", s, 0.90, labels, task) for s in range(3)]
+        bad = [fake_run("fwlora", s, 0.75, labels, task) for s in range(3)]
+        same = [fake_run("l2lora", s, 0.90, labels, task) for s in range(3)]
+        d, lo, hi = paired_bootstrap(good, bad)
+        assert 0 < lo < d < hi and d > 0.1  # a large difference: the interval excludes 0
+        d, lo, hi = paired_bootstrap(good, same)
+        assert lo < 0 < hi and abs(d) < 0.03  # no difference: the interval includes 0
+        d2, lo2, hi2 = paired_bootstrap(same, good)
+        assert abs(d + d2) < 1e-12 and abs(lo + hi2) < 0.02  # antisymmetric up to resampling
+
+
+def test_report_tables_verdict_and_degenerate_runs(tmp_path):
+    labels = torch.randint(0, 2, (N,), generator=torch.Generator().manual_seed(1))
+    runs = [fake_run("lora", s, 0.80, labels) for s in range(3)] + \
+           [fake_run("fwlora", s, 0.95, labels) for s in range(3)] + \
+           [fake_run("l2lora", s, 0.95, labels) for s in range(3)] + \
+           [fake_run("fwshuffle", s, 0.5, labels, one_class=s == 0) for s in range(3)]
+    for r in runs:
+        c = r["config"]
+        (tmp_path / f"sst2_{c['method']}_b0.2_s{c['seed']}.json").write_text(json.dumps(r))
+    (tmp_path / "bench_runs_sst2_lora-fwlora_b0.2_s0.json").write_text(json.dumps(
+        {"configs": {"lora": {"task": "sst2"}}, "runs": {"lora": {"total_ratio": 1.0}, "fwlora": {"total_ratio": 1.004}}}))
+    text = main(str(tmp_path))
+    assert "| shuffled FW (control) |" in text and "**1 degenerate**" in text
+    fw_vs_lora = next(l for l in text.splitlines() if l.startswith("| FW-LoRA − LoRA |"))
+    assert fw_vs_lora.count("**") == 2  # excludes 0
+    fw_vs_l2 = next(l for l in text.splitlines() if l.startswith("| FW-LoRA − uniform L2 |"))
+    assert "**" not in fw_vs_l2  # includes 0
+    assert "Does FW-LoRA beat LoRA? higher in 1, lower in 0, unresolved in 0 of 1 cells" in text
+    assert "Does FW-LoRA beat the uniform-L2 control (same penalty, equal weights)? higher in 0, lower in 0, " \
+           "unresolved in 1" in text
+    assert "FW-LoRA 1.004" in text and "3 seeds of `minilm`" in text
+    assert (tmp_path / "table.md").read_text().strip() == text.strip()
