@@ -131,7 +131,7 @@ def runs(cfgs: dict, data: tuple | None = None) -> dict:
          "mcc", "train_s", "total_ratio", "warmup_step_ratio", "penalised_step_ratio"))
     out = {"configs": {m: dataclasses.asdict(c) for m, c in cfgs.items()}, "steps": len(base), "runs": table,
            "environment": environment(next(iter(prepared.values())).device)}
-    name = run_name(dataclasses.replace(cfg, method="-".join(cfgs)))
+    name = run_name(dataclasses.replace(cfg, method="-".join(cfgs))).replace(":", "+").replace("=", "-")
     write_json(os.path.join(cfg.out_dir, f"bench_runs_{name}.json"), out)
     return out
 
