@@ -213,7 +213,7 @@ def read_result(path: str) -> dict | None:
 def load(folder: str) -> tuple[list[dict], list[str]]:
     """(finished runs, names of failed runs): an .error.json counts only where no finished run has that name."""
     results = {p: read_result(p) for p in sorted(glob.glob(os.path.join(folder, "*.json")))
-               if not p.endswith(".partial.json")}
+               if not p.endswith(".partial.json") and not os.path.basename(p).startswith("bench_runs_")}
     runs = [r for r in results.values() if r and r["status"] == "ok"]
     done = {run_name(SimpleNamespace(**r["config"])) for r in runs}
     failed = sorted(os.path.basename(p) for p, r in results.items()
@@ -410,14 +410,16 @@ def verdict(comp: dict, runs: list[dict], ratios: dict) -> str:
              f"- Does FW-LoRA match AdaLoRA? {answer('fwlora', 'adalora')}",
              f"- Does FW-LoRA beat the uniform-L2 control (same penalty, equal weights)? {answer('fwlora', 'l2lora')}",
              f"- Does FW-LoRA beat the shuffled control (same weights, random matrices)? {answer('fwlora', 'fwshuffle')}",
-             f"- Does the sharper (max-normalised) weighting differ from FW-LoRA? {answer('fwmax', 'fwlora')}",
+             f"- Does FW-LoRA beat the sharper, max-normalised weighting? {answer('fwlora', 'fwmax')}",
              f"- Do Fisher-allocated ranks (fwrank) beat LoRA? {answer('fwrank', 'lora')}"]
     if ratios:
         lines.append("- Time, side by side (× LoRA): " + "; ".join(
             f"{task}: " + ", ".join(f"{NAMES[m].split(' (')[0]} {v:.3f}" for m, v in t.items() if m != "lora")
             for task, t in ratios.items()))
+    capped = ", ".join(f"{t} capped at {k:,}" for t, k in sorted({(r["config"]["task"], r["config"].get("max_train", 0))
+                                                                   for r in runs}) if k)
     lines += ["", f"What this can and cannot show: {n} seeds of `{c['model']}` "
-              f"({'capped training sets' if c.get('max_train') else 'full training sets'}) on GLUE dev. An interval "
+              f"({'training sets: ' + capped if capped else 'full training sets'}) on GLUE dev. An interval "
               "that includes 0 means the difference is not resolved at this n, not that the methods are equal; "
               "an interval that excludes 0 is evidence for this model, data size and schedule only, not for "
               "roberta-base at the paper setting."]

@@ -93,7 +93,7 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"--budget must be > 0 and < 100 (percent of base parameters), got {cfg.budget}")
     bad = [k for k in ("epochs", "batch_size", "max_length", "ada_delta_t", "fw_warmup_steps", "fw_probes",
                        "log_every") if getattr(cfg, k) < 1] + [k for k in ("max_train", "max_eval", "max_grad_norm",
-                       "timing_skip", "weight_decay") if getattr(cfg, k) < 0] + ["lr"] * (not 0 < cfg.lr < math.inf)
+                       "timing_skip", "weight_decay", "fw_rank_min") if getattr(cfg, k) < 0] + ["lr"] * (not 0 < cfg.lr < math.inf)
     if bad:
         raise ValueError(f"out of range: --{', --'.join(bad)} (counts >= 1; caps, norms >= 0, 0 = off; lr > 0)")
 

@@ -57,4 +57,6 @@ def test_report_tables_verdict_and_degenerate_runs(tmp_path):
     assert "Does FW-LoRA beat the uniform-L2 control (same penalty, equal weights)? higher in 0, lower in 0, " \
            "unresolved in 1" in text
     assert "FW-LoRA 1.004" in text and "3 seeds of `minilm`" in text
+    assert "Does FW-LoRA beat the sharper, max-normalised weighting? not run" in text  # no fwmax runs here
+    assert text.count("not run") == 3  # AdaLoRA, fwmax and fwrank: every question asks a pair the table has
     assert (tmp_path / "table.md").read_text().strip() == text.strip()
