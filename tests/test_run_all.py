@@ -42,7 +42,9 @@ def test_sigterm_stops_parallel_runs_and_resume_finishes_without_redoing(tmp_pat
     assert "adalora" not in done and not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # no half-written file
     log = (tmp_path / "sst2_lora_b0.5_s0.log").read_text()
     assert "accuracy" in log and "\x1b[" not in log and "LOAD REPORT" not in log  # plain text, as it happened
-    assert "device: cpu" in (tmp_path / "sst2_adalora_b0.5_s0.log").read_text()  # written before it was stopped
+    stopped = [m for m in methods if (tmp_path / f"sst2_{m}_b0.5_s0.log").exists() and m not in done]
+    assert all("device: cpu" in (tmp_path / f"sst2_{m}_b0.5_s0.log").read_text()
+               for m in stopped)  # a stopped run's log was written as it went (unbuffered)
 
     p = sweep(tmp_path, methods=" ".join(methods), env={"JOBS": "2"})
     out = p.communicate(timeout=180)[0]
@@ -95,8 +97,9 @@ def test_plan_reuses_only_the_same_run_and_moves_corrupt_results_aside(tmp_path)
     assert plan(str(tmp_path), [spec]) == [f"todo sst2_lora_b0.5_s0 {spec}"]
     finished(tmp_path, log_every=7, out_dir="elsewhere")  # fields that cannot change a result
     assert plan(str(tmp_path), [spec]) == ["done sst2_lora_b0.5_s0"]
+    from report import METHODS
     assert [l.split()[1] for l in plan(str(tmp_path), [spec.replace("lora", "all", 1)])] == \
-        ["sst2_lora_b0.5_s0", "sst2_adalora_b0.5_s0", "sst2_fwlora_b0.5_s0", "sst2_l2lora_b0.5_s0"]
+        [f"sst2_{m}_b0.5_s0" for m in METHODS]  # --method=all: every method, LoRA first
     finished(tmp_path, lr=1e-3, max_grad_norm=0.0)
     with pytest.raises(SystemExit, match=r"(?s)lr 0.001 -> 0.002, max_grad_norm 0.0 -> 1.0.*Nothing was run"):
         plan(str(tmp_path), [spec])
