@@ -2,7 +2,7 @@
 by step (machine noise hits all alike), built by train.prepare() and stepped by train.train_step().
 
     python bench.py          # per step, every VARIANT, MiniLM: ratios, matmul rate vs peak, Fisher estimator error
-    python bench.py gpu      # GPU acceptance (~5 min): the same on roberta-base, bf16, 300 steps, step memory
+    python bench.py gpu      # GPU acceptance (a few minutes): the same on roberta-base, bf16, 300 steps, step memory
     python bench.py runs --methods=lora,fwlora,adalora --task=sst2 --max_train=8000 --epochs=1 --lr=2e-3
         # whole runs; a method may carry its own fields: --methods=lora,lora:group_by_length=false
 """
