@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from data import hub_reachable, synthetic
-from report import matmul_peak
+from report import matmul_peak, train_ms
 from train import (Config, check_config, check_finite, environment, evaluate, parse_args, prepare, run_name,
                    train_step, write_json)
 
@@ -116,12 +116,13 @@ def runs(cfgs: dict, data: tuple | None = None) -> dict:
     """Whole runs of {name: Config}, side by side; total time ratios to the first. Each run keeps its own RNG
     stream, so each ends with the standalone train.py run's loss and metric, bit for bit."""
     prepared = interleave(cfgs, data)
-    base, table = next(iter(prepared.values())).clock.ms["step"], {}
+    lora = next(iter(prepared.values())).clock
+    base, table = lora.ms["step"], {}
     for m, r in prepared.items():
-        ms, dev = r.clock.ms["step"], evaluate(r)
+        ms, dev, total = r.clock.ms["step"], evaluate(r), train_ms(r.clock.totals())  # fwrank: its pre-pass counts
         table[m] = {"train_loss": r.loss_sum.item() / r.n_loss, "accuracy": dev["accuracy"], "mcc": dev["mcc"],
-                    "train_s": sum(ms) / 1e3, "total_ratio": sum(ms) / sum(base),
-                    "buckets_ms_total": {k: sum(v) for k, v in r.clock.ms.items()}}
+                    "train_s": total / 1e3, "total_ratio": total / train_ms(lora.totals()),
+                    "buckets_ms_total": r.clock.totals()}
         if r.method.fw:  # the Fisher warm-up steps against LoRA's same steps (same batches), and the rest
             K = r.method.fw.warmup_steps
             table[m].update(fw_warmup_steps=K, warmup_step_ratio=sum(ms[:K]) / sum(base[:K]),

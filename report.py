@@ -130,9 +130,9 @@ def summarise(run, result: dict, paths: dict) -> dict:
                   best=max(e[metric] for e in result["epochs"]), dev_labels=run.dev_b.labels.tolist())
     result["budget"].update(adapter_params=n_adapter, adapter_pct=100 * n_adapter / info["n_base_params"])
     result["timing"] = {
-        "train_ms_total": sum(all_ms), "ms_per_step_median": float(torch.tensor(ms).median()),
+        "train_ms_total": train_ms(run.clock.totals()), "ms_per_step_median": float(torch.tensor(ms).median()),
         "ms_per_step_mean": sum(ms) / len(ms), "examples_per_s": 1e3 * cfg.batch_size * len(ms) / sum(ms),
-        "buckets_ms_total": {k: sum(v) for k, v in run.clock.ms.items()}, "steps_timed": len(ms),
+        "buckets_ms_total": run.clock.totals(), "steps_timed": len(ms),
         "clock": "cuda events" if run.clock.cuda else "perf_counter (CPU ops are synchronous)"}
     if fw:
         K, skip = fw.warmup_steps, cfg.timing_skip
@@ -156,6 +156,11 @@ def summarise(run, result: dict, paths: dict) -> dict:
     return result
 
 
+def train_ms(buckets_ms_total: dict) -> float:
+    """A run's training time: every step, plus the work outside steps that training needs (fwrank's pre-pass)."""
+    return buckets_ms_total["step"] + buckets_ms_total.get("prepass", 0.0)
+
+
 class Clock:
     """Named timers: CUDA events on a GPU (no sync inside the loop), perf_counter on CPU (ops are synchronous)."""
 
@@ -175,6 +180,10 @@ class Clock:
             t0 = time.perf_counter()
             yield
             self.ms[name].append(1e3 * (time.perf_counter() - t0))
+
+    def totals(self) -> dict:
+        """{bucket: total ms}."""
+        return {k: sum(v) for k, v in self.ms.items()}
 
     def collect(self):
         """Turn recorded events into milliseconds; one synchronize, outside the timed region."""
@@ -333,11 +342,14 @@ def degenerate(r: dict) -> bool:
 
 
 def bench_ratios(folder: str) -> dict:
-    """{task: {method: total time ratio to LoRA}} from the side-by-side runs (bench.py runs) in the folder."""
+    """{task: {method: training time ratio to LoRA}} from the side-by-side runs (bench.py runs) in the folder,
+    computed from their recorded buckets (train_ms: fwrank's pre-pass counts)."""
     out = {}
     for path in sorted(glob.glob(os.path.join(folder, "bench_runs_*.json"))):
         b = json.load(open(path))
-        out[next(iter(b["configs"].values()))["task"]] = {m: row["total_ratio"] for m, row in b["runs"].items()}
+        base = train_ms(b["runs"]["lora"]["buckets_ms_total"])
+        out[next(iter(b["configs"].values()))["task"]] = {m: train_ms(row["buckets_ms_total"]) / base
+                                                          for m, row in b["runs"].items()}
     return out
 
 

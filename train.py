@@ -129,7 +129,7 @@ class Method:
 
 def build_method(cfg: Config, model, total_steps: int, prepass=None) -> Method:
     """Freeze the base, inject adapters, build the method's state: all like the model's weights (device, dtype).
-    prepass(rank) -> {matrix: F_m}: fwrank's Fisher pre-pass (prepare() runs it on the run's clock)."""
+    prepass(rank, K) -> {matrix: F_m}: fwrank's Fisher pre-pass (prepare() runs it on the run's clock)."""
     n_base, names = count_base_params(model), target_names(model)
     shapes = [tuple(model.get_submodule(n).weight.shape) for n in names]  # (d_out, d_in)
     r = rank_for_budget(cfg.budget, n_base, shapes)
@@ -149,7 +149,7 @@ def build_method(cfg: Config, model, total_steps: int, prepass=None) -> Method:
     else:  # LoRA and the FW variants at rank r; fwrank at ranks r_m ∝ I_m with uniform LoRA's count (0: no adapter)
         ranks = dict.fromkeys(names, r)
         if cfg.method == "fwrank":
-            F = torch.tensor(list(prepass(r).values()))
+            F = torch.tensor(list(prepass(r, K).values()))
             costs = [d_in + d_out for d_out, d_in in shapes]
             ranks = dict(zip(names, allocate_ranks(F / F.sum(), costs, r * sum(costs), cfg.fw_rank_min,
                                                   [min(s) for s in shapes])))
@@ -211,8 +211,7 @@ def prepare(cfg: Config, data: tuple | None = None) -> Run:
     model.to(device)  # first, so adapters and every piece of method state are born on the device
     clock, autocast = Clock(device), autocast_for(device, cfg.precision)
 
-    def prepass(rank: int) -> dict:  # fwrank: the Fisher pre-pass over the first K training batches, timed
-        K = warmup_length(cfg.fw_warmup_steps, cfg.fw_warmup_max_frac, T)
+    def prepass(rank: int, K: int) -> dict:  # fwrank: the Fisher pre-pass over the first K training batches, timed
         batches = itertools.islice(train_b.epoch(cfg.seed * 1000, cfg.group_by_length), K)
         with clock("prepass"):
             return fisher_prepass(model, rank, ({k: v.to(device) for k, v in b.items()} for b in batches), autocast,

@@ -220,7 +220,9 @@ def test_fwrank_with_uniform_allocation_is_loras_run(tmp_path, monkeypatch):
     lora = train(tiny(tmp_path, method="lora", lora_dropout=0.1), toy_data())
     fwrank = train(tiny(tmp_path, method="fwrank", lora_dropout=0.1, fw_warmup_steps=3), toy_data())
     assert fwrank["epochs"] == lora["epochs"]  # the pre-pass moved nothing and drew nothing from the RNG
-    assert fwrank["budget"]["fw_prepass_steps"] == 3 and fwrank["timing"]["buckets_ms_total"]["prepass"] > 0
+    timing = fwrank["timing"]
+    assert fwrank["budget"]["fw_prepass_steps"] == 3 and timing["buckets_ms_total"]["prepass"] > 0
+    assert timing["train_ms_total"] == timing["buckets_ms_total"]["step"] + timing["buckets_ms_total"]["prepass"]
 
 
 def test_fwrank_allocates_from_the_prepass(tmp_path):
