@@ -12,6 +12,7 @@ from data import synthetic  # noqa: E402  (after the path insert)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: real pretrained model or real data (runs in CI; skip with -m 'not slow')")
+    config.option.reportchars += "s"  # a skipped test says why in the summary (SLURM's, where it is missing)
     if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2`: one worker per core, one thread each
         torch.set_num_threads(1)
 
