@@ -157,7 +157,7 @@ if [ "$SLURM" = 1 ]; then
   TODO=$(grep '^todo ' <<<"$PLAN"); N=$(grep -c . <<<"$TODO"); TIMING=$(timing)
   if [ "$N" = 0 ] && [ -z "$TIMING" ]; then
     echo "nothing to submit: every run of this sweep has its result in $OUT, so the table is complete" \
-         "(python report.py $OUT prints it)"
+         "($PY report.py $OUT prints it)"
     exit 0
   fi
   DIR=$OUT/slurm; STAMP=$(date +%Y%m%d-%H%M%S); mkdir -p "$DIR" || exit 2
