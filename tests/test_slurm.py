@@ -107,8 +107,10 @@ def squeue(env, *args):
 
 
 def test_the_smoke_sweep_as_a_job_array_equals_the_local_sweep(slurm, tmp_path):
+    # The local sweep, meanwhile: one run per core, so one thread per run, as each array task has (1 CPU).
     local = subprocess.Popen(["bash", "run_all.sh", "smoke"], cwd=ROOT, env=os.environ | SMOKE | {
-        "OUT": str(tmp_path / "local"), "JOBS": "2"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        "OUT": str(tmp_path / "local"), "JOBS": str(len(os.sched_getaffinity(0)))}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
     out = tmp_path / "slurm"
 
     # A submission SLURM rejects: its message is shown, and no job and no job script are left.
