@@ -130,9 +130,10 @@ def test_the_smoke_sweep_as_a_job_array_equals_the_local_sweep(slurm, tmp_path):
     script = next((out / "slurm").glob("runs-*.sh")).read_text()
     assert all(f">{out}/{n}.log 2>&1" in script for n in RUNS) and script.count(" train.py ") == len(RUNS)
 
-    # While they are queued or running, a second submission is refused, naming them.
-    r = run_all(out, "--slurm", env=slurm)
-    assert r.returncode == 1 and f"SLURM jobs {jobs[0]},{jobs[1]}" in r.stderr, r.stdout + r.stderr
+    # While they are queued or running, a second submission or a local sweep on the folder is refused, naming them.
+    for args in (["--slurm"], []):
+        r = run_all(out, *args, env=slurm)
+        assert r.returncode == 1 and f"SLURM jobs {jobs[0]},{jobs[1]}" in r.stderr, r.stdout + r.stderr
 
     deadline = time.time() + 240
     while squeue(slurm, "-j", ",".join(jobs)) and time.time() < deadline:
