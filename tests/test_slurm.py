@@ -72,10 +72,11 @@ PartitionName=ci Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     env = {"SLURM_CONF": str(d / "slurm.conf")}
     daemons = []
     try:
-        for cmd in ([f"--key-file={d}/munge.key", f"--socket={d}/munge.sock", f"--pid-file={d}/munged.pid",
-                     f"--log-file={d}/munged.log", f"--seed-file={d}/munge.seed", "--foreground", "--force"],
-                    ["-D", "-f", env["SLURM_CONF"]], ["-D", "-f", env["SLURM_CONF"], "-N", host]):
-            name = ("munged", "slurmctld", "slurmd")[len(daemons)]
+        for name, cmd in {  # in the foreground (-D, --foreground), so each Popen's PID is the daemon's
+                "munged": [f"--key-file={d}/munge.key", f"--socket={d}/munge.sock", f"--pid-file={d}/munged.pid",
+                           f"--log-file={d}/munged.log", f"--seed-file={d}/munge.seed", "--foreground", "--force"],
+                "slurmctld": ["-D", "-f", env["SLURM_CONF"]],
+                "slurmd": ["-D", "-f", env["SLURM_CONF"], "-N", host]}.items():
             daemons.append(subprocess.Popen([shutil.which(name, path=SBIN), *cmd], stdout=subprocess.DEVNULL,
                                             stderr=open(d / f"{name}.out", "w"), env=os.environ | env))
             time.sleep(0.5)  # munged's socket, then the controller, before the node registers
