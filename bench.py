@@ -15,9 +15,8 @@ import torch
 from tqdm import tqdm
 
 from data import hub_reachable, synthetic
-from report import matmul_peak, train_ms
-from train import (Config, check_config, check_finite, environment, evaluate, parse_args, prepare, run_name,
-                   train_step, write_json)
+from record import Clock, environment, parse_args, run_name, train_ms, write_json
+from train import Config, check_config, check_finite, evaluate, prepare, train_step
 
 WARM = dict(fw_warmup_steps=10**9, fw_warmup_max_frac=1.0)  # FW-LoRA's Fisher warm-up on every step
 VARIANTS = {  # per-step mode: name -> Config overrides
@@ -59,6 +58,16 @@ def interleave(cfgs: dict, data: tuple | None = None, steps: int | None = None) 
         r.clock.collect()
         check_finite(r)
     return runs
+
+
+def matmul_peak(device, dtype, n: int = 2048) -> float:
+    """GFLOP/s of an n × n matmul here, the median of 10 after a warm-up: the limit a step is compared with."""
+    a, clock = torch.randn(n, n, device=device, dtype=dtype), Clock(device)
+    for _ in range(11):
+        with clock("mm"):
+            a @ a
+    clock.collect()
+    return 2 * n ** 3 / sorted(clock.ms["mm"][1:])[5] / 1e6
 
 
 def show(title: str, table: dict, cols: tuple) -> None:
@@ -143,8 +152,9 @@ def gpu(tiny: bool = False) -> dict:
     return steps(Config(model=model, precision="bf16"), n_steps=8 if tiny else 300, skip=2 if tiny else 20)
 
 
-if __name__ == "__main__":
-    mode, args = (sys.argv[1], sys.argv[2:]) if sys.argv[1:2] in (["runs"], ["gpu"]) else ("steps", sys.argv[1:])
+def main(argv: list[str]) -> int:
+    """bench.py's command line (the sweep's timing step calls it too)."""
+    mode, args = (argv[0], argv[1:]) if argv[:1] in (["runs"], ["gpu"]) else ("steps", argv)
     methods = next((a.split("=", 1)[1] for a in args if a.startswith("--methods=")), "lora,fwlora,adalora")
     try:
         cfg = parse_args([a for a in args if not a.startswith(("--methods=", "--tiny="))], Config, __doc__)
@@ -155,4 +165,10 @@ if __name__ == "__main__":
         else:
             gpu(tiny="--tiny=true" in args) if mode == "gpu" else steps(cfg)
     except (ValueError, RuntimeError, OSError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -5,7 +5,7 @@
 
 Top to bottom: Config, build_method(), prepare() (a run's whole state, `Run`), train_step(run, batch, step)
 (each method's extra work is one commented line where it acts), train(cfg): setup -> loop -> evaluate ->
-summarise -> write <name>.json (.partial.json per epoch, .error.json on failure; report.py).
+summarise -> write <name>.json (.partial.json per epoch, .error.json on failure; record.py).
 
 Random streams, all derived from `seed`: the global torch RNG (seeded once in prepare(): random models,
 adapter and head init, dropout); the training subset (Generator(seed), data.make_batches); the batch order
@@ -27,10 +27,10 @@ from tqdm import tqdm
 from adalora import AdaLoRALinear, RankAllocator, ada_initial_rank, check_schedule
 from data import Batches, check_task, load_model, make_batches
 from fisher import FWLoRA, allocate_ranks, fisher_prepass, warmup_length
-from report import (METHODS, Clock, environment, metrics, parse_args, result_paths, run_name, summarise,
-                    write_json)
 from lora import (LoRALinear, adapter_params, count_base_params, freeze_base, inject, rank_for_budget,
                   target_names)
+from record import (METHODS, Clock, environment, metrics, parse_args, result_paths, run_name, summarise,
+                    write_json)
 
 @dataclass
 class Config:
@@ -317,11 +317,19 @@ def train(cfg: Config, data: tuple | None = None) -> dict:
     return summarise(run, result, paths)  # writes <name>.json (and the adapters if asked)
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> int:
+    """train.py's command line (the sweep's workers call it too): a one-line error and exit 2 on bad input or a
+    failed run, 130 when stopped; the .error.json says how far it got."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (the sweep stopping) as Ctrl-C
     try:
-        train(parse_args(sys.argv[1:], Config, __doc__))
+        train(parse_args(argv, Config, __doc__))
     except (ValueError, RuntimeError, OSError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        sys.exit(130)  # interrupted; the .error.json says how far it got
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

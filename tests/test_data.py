@@ -92,7 +92,7 @@ def test_length_grouped_batches_cover_every_example_once_and_cut_padding():
 
 def test_metrics_match_scikit_learn():
     from sklearn.metrics import accuracy_score, matthews_corrcoef
-    from report import metrics
+    from record import metrics
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
         y, p = torch.randint(0, 2, (200,), generator=g), torch.randint(0, 2, (200,), generator=g)

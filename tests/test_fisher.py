@@ -5,22 +5,13 @@ from types import SimpleNamespace
 
 import torch
 
-from conftest import tiny_batch, tiny_model
+from conftest import lora_model, tiny_batch, tiny_model
 from fisher import DeltaWPenalty, FisherProxy, FWLoRA, sq_grad_norm_exact, sq_grad_norm_probe
 from lora import LoRALinear, freeze_base, inject
 
 
-def lora_model(r=2, alpha=4.0, seed=0):
-    model = tiny_model(seed=seed)
-    layers = list(inject(model, lambda lin: LoRALinear(lin, r, alpha)).values())
-    freeze_base(model)
-    for l in layers:  # non-zero B so ΔW ≠ 0
-        torch.nn.init.normal_(l.lora_B, std=0.1)
-    return model, layers
-
-
 def test_exact_statistic_equals_autograd_weight_gradient():
-    model, layers = lora_model()
+    model, layers = lora_model(b_std=0.1)
     proxy = FisherProxy(layers, estimator="exact")
     proxy.start()
     for l in layers:  # make W trainable only to read autograd's answer
@@ -45,7 +36,7 @@ def test_probe_is_unbiased():
 
 
 def test_ema_recursion_by_hand():
-    _, layers = lora_model()
+    _, layers = lora_model(b_std=0.1)
     proxy = FisherProxy(layers, decay=0.9)
     F = torch.zeros(len(layers))
     for t in range(3):
@@ -58,7 +49,7 @@ def test_ema_recursion_by_hand():
 
 
 def test_importance_sums_to_one_and_is_fixed_after_warmup():
-    model, layers = lora_model()
+    model, layers = lora_model(b_std=0.1)
     fw = FWLoRA(layers, warmup_steps=2, estimator="exact")
     for _ in range(2):
         model(**tiny_batch()).loss.backward()
@@ -74,7 +65,7 @@ def test_importance_sums_to_one_and_is_fixed_after_warmup():
 
 
 def test_uniform_ablation_uses_mean_weight():
-    model, layers = lora_model()
+    model, layers = lora_model(b_std=0.1)
     fw = FWLoRA(layers, warmup_steps=1, weighting="uniform")
     model(**tiny_batch()).loss.backward()
     fw.fisher.update()
@@ -86,7 +77,7 @@ def test_uniform_ablation_uses_mean_weight():
 
 
 def test_penalty_equals_explicit_delta_w_norm():
-    _, layers = lora_model(r=3)
+    _, layers = lora_model(r=3, b_std=0.1)
     w = torch.rand(len(layers))
     pen = DeltaWPenalty(layers, w)
     explicit = torch.stack([(l.scaling * l.lora_B @ l.lora_A).pow(2).sum() for l in layers])

@@ -4,16 +4,9 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_batch, tiny_model
+from conftest import lora_model, tiny_batch, tiny_model
 from lora import (LoRALinear, adapter_params, count_base_params, freeze_base, inject, is_head, load_adapters,
                   rank_for_budget, save_adapters, target_names)
-
-
-def lora_model(kind="bert", r=2, alpha=4.0):
-    model = tiny_model(kind)
-    layers = inject(model, lambda lin: LoRALinear(lin, r, alpha))
-    freeze_base(model)
-    return model, layers
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
@@ -50,24 +43,22 @@ def test_one_step_moves_only_adapters_and_head():
 
 
 def test_merge_idempotent_and_matches_unmerged():
-    model, layers = lora_model()
-    for l in layers.values():
-        torch.nn.init.normal_(l.lora_B)
+    model, layers = lora_model(b_std=1.0)
     batch = tiny_batch()
     ref = model(**batch).logits
-    w0 = {n: l.base.weight.clone() for n, l in layers.items()}
-    for l in layers.values():
+    w0 = [l.base.weight.clone() for l in layers]
+    for l in layers:
         l.merge()
         l.merge()  # second merge is a no-op
     assert torch.allclose(model(**batch).logits, ref, atol=1e-5)
-    for n, l in layers.items():
+    for n, l in enumerate(layers):
         assert torch.allclose(l.base.weight, w0[n] + l.delta_weight(), atol=1e-6)
         l.unmerge()
         l.unmerge()
         assert torch.allclose(l.base.weight, w0[n], atol=1e-6)
     assert torch.allclose(model(**batch).logits, ref, atol=1e-5)
     model.eval(), model.train()  # train()/eval() never merge
-    assert not any(l.merged for l in layers.values())
+    assert not any(l.merged for l in layers)
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
@@ -118,9 +109,7 @@ def test_budget_count_matches_formula_at_each_budget():
 
 
 def test_save_then_load_reproduces_outputs(tmp_path):
-    model, layers = lora_model()
-    for l in layers.values():
-        torch.nn.init.normal_(l.lora_B)
+    model, _ = lora_model(b_std=1.0)
     batch = tiny_batch()
     ref = model(**batch).logits
     meta = {"task": "sst2", "method": "lora", "rank": 2, "lora_alpha": 4.0}

@@ -6,7 +6,8 @@ import zlib
 
 import torch
 
-from report import main, metrics, paired_bootstrap
+from record import metrics
+from report import main, paired_bootstrap
 
 N = 900  # dev examples
 

@@ -119,8 +119,9 @@ def test_the_smoke_sweep_as_a_job_array_equals_the_local_sweep(slurm, tmp_path):
     assert r.returncode == 1 and "invalid partition" in r.stderr.lower(), r.stdout + r.stderr
     assert not (out / "slurm").exists() and not squeue(slurm)
 
-    # Pass-through: sbatch's own SBATCH_TIMELIMIT, and SBATCH_ARGS after the profile's options.
-    r = run_all(out, env=slurm | {"SLURM": "1", "SBATCH_TIMELIMIT": "20", "SBATCH_ARGS": "--comment=fwlora-ci"})
+    # Pass-through: sbatch's own SBATCH_TIMELIMIT, and SBATCH_ARGS after the profile's options. Held, so that the
+    # checks below see them queued however fast the runs are; released after.
+    r = run_all(out, env=slurm | {"SLURM": "1", "SBATCH_TIMELIMIT": "20", "SBATCH_ARGS": "--comment=fwlora-ci --hold"})
     assert r.returncode == 0, r.stdout + r.stderr
     jobs = (out / "slurm" / "jobs").read_text().split()
     assert len(jobs) == 2 and f"job array {jobs[0]}: 2 runs" in r.stdout and f"squeue -j {jobs[0]},{jobs[1]}" in r.stdout
@@ -136,6 +137,7 @@ def test_the_smoke_sweep_as_a_job_array_equals_the_local_sweep(slurm, tmp_path):
         r = run_all(out, *args, env=slurm)
         assert r.returncode == 1 and f"SLURM jobs {jobs[0]},{jobs[1]}" in r.stderr, r.stdout + r.stderr
 
+    subprocess.run(["scontrol", "release", ",".join(jobs)], env=os.environ | slurm, check=True)
     deadline = time.time() + 240
     while squeue(slurm, "-j", ",".join(jobs)) and time.time() < deadline:
         time.sleep(1)
@@ -172,10 +174,10 @@ def test_slurm_bad_input(tmp_path):
     (tmp_path / "nobin").mkdir()
     os.symlink(shutil.which("dirname"), tmp_path / "nobin" / "dirname")
     r = subprocess.run([shutil.which("bash"), "run_all.sh", "smoke", "--slurm"], cwd=ROOT, capture_output=True,
-                       text=True, env={"PATH": str(tmp_path / "nobin")})
+                       text=True, env={"PATH": str(tmp_path / "nobin"), "PYTHON": sys.executable})
     assert r.returncode == 2 and "needs SLURM" in r.stderr and "sbatch is not on PATH" in r.stderr, r.stderr
     r = subprocess.run(["bash", "run_all.sh", "--slurm"], cwd=ROOT, capture_output=True, text=True,
-                       env=os.environ | fake_slurm(tmp_path, "exit 0"))
+                       env=os.environ | fake_slurm(tmp_path, "exit 0") | {"PYTHON": sys.executable})
     assert r.returncode == 2 and "name the profile" in r.stderr, r.stderr  # auto would read this machine's GPU
 
     # The array is accepted, the report job refused: the array is cancelled and nothing is left.

@@ -1,0 +1,280 @@
+"""sweep.py (through run_all.sh where processes matter, in-process elsewhere): resume, interrupts (Ctrl-C, SIGTERM,
+kill -9), failures and exit status, the lock, the SLURM guard, GPU slots, every refusal of bad input, and a
+resume that reuses only results of exactly the run it would make."""
+import dataclasses
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import sweep
+from record import METHODS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = {"PROFILE": "smoke", "MODEL": "tiny-bert", "DEF_SEEDS": "0", "DEF_BUDGETS": "0.5", "DEF_TIMED": "",
+         "SST2_ARGS": "--max_train=128 --max_eval=64 --epochs=2 --lr=2e-3", "TASKS": "sst2", "METHODS": "lora"}
+LONG = "--epochs=20"  # a few seconds a run: long enough to be stopped while it runs
+
+
+def start(out, *overrides, methods="lora fwlora", env=None):
+    """`bash run_all.sh smoke` in a session of its own, so that its whole process group can be checked."""
+    env = os.environ | {"TASKS": "sst2", "BUDGETS": "0.5", "METHODS": methods, "OUT": str(out),
+                        "PYTHON": sys.executable} | (env or {})
+    return subprocess.Popen(["bash", "run_all.sh", "smoke", *overrides], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_until(cond, p=None, timeout=120, what=""):
+    deadline = time.time() + timeout
+    while not cond() and (p is None or p.poll() is None) and time.time() < deadline:
+        time.sleep(0.05)
+    assert cond(), (what, p.communicate()[0] if p else "")
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a live process (not a zombie left for init to reap) remains in the process group."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+        except OSError:
+            continue
+        if int(stat[2]) == pgid and stat[0] != "Z":
+            return True
+    return False
+
+
+def run_pid(log) -> int | None:
+    """The process writing to this run's log (its stdout), found through /proc."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/1") == str(log):
+                return int(pid)
+        except OSError:
+            pass
+    return None
+
+
+def test_sigterm_stops_parallel_runs_and_resume_finishes_without_redoing(tmp_path):
+    methods = ("lora", "fwlora", "adalora")
+    p = start(tmp_path, LONG, methods=" ".join(methods), env={"JOBS": "2"})
+    wait_until((tmp_path / "sst2_lora_b0.5_s0.json").exists, p)
+    os.kill(p.pid, signal.SIGTERM)  # the sweep alone: it must stop its runs too
+    out = p.communicate(timeout=60)[0]
+    assert p.returncode == 130 and "interrupted" in out, out
+    wait_until(lambda: not group_alive(p.pid), timeout=30, what="orphaned runs")  # no run outlives the sweep
+    done = {m: (tmp_path / f"sst2_{m}_b0.5_s0.json").stat().st_mtime_ns for m in methods
+            if (tmp_path / f"sst2_{m}_b0.5_s0.json").exists()}
+    assert "adalora" not in done and not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # no half-written file
+    log = (tmp_path / "sst2_lora_b0.5_s0.log").read_text()
+    assert "accuracy" in log and "\x1b[" not in log and "LOAD REPORT" not in log  # plain text, as it happened
+    for m in methods:  # a run stopped after it began to train (its log says so: written as it went) says so
+        log = tmp_path / f"sst2_{m}_b0.5_s0.log"
+        if m not in done and log.exists() and "device: cpu" in log.read_text():
+            assert json.load(open(tmp_path / f"sst2_{m}_b0.5_s0.error.json"))["error"].startswith("KeyboardInterrupt")
+
+    p = start(tmp_path, LONG, "--overwrite=true", methods=" ".join(methods), env={"JOBS": "2"})
+    out = p.communicate(timeout=180)[0]
+    assert p.returncode == 0, out
+    assert all(f"skip sst2_{m}_b0.5_s0 (done); --overwrite=true does not redo a finished run" in out for m in done)
+    assert out.count(" started") == 3 - len(done)
+    assert f"[{3 - len(done)}/{3 - len(done)}]" in out and "min left" in out  # progress: k of N, time left
+    assert all((tmp_path / f"sst2_{m}_b0.5_s0.json").stat().st_mtime_ns == t for m, t in done.items())  # not redone
+    table = (tmp_path / "table.md").read_text()
+    assert "| LoRA |" in table and "| FW-LoRA |" in table and "| AdaLoRA |" in table and "SST-2 acc 0.5%" in table
+    assert "no finished result" not in table  # the interrupted run's .error.json went with its success
+
+    from record import parse_args
+    from train import Config, train  # forked workers give the in-process results, bit for bit
+    spec = (f"--model=tiny-bert --max_train=128 --max_eval=64 {LONG} --lr=2e-3 --task=sst2 --budget=0.5 "
+            f"--out_dir={tmp_path / 'serial'} --method=fwlora")
+    serial = train(parse_args(spec.split(), Config))
+    assert json.load(open(tmp_path / "sst2_fwlora_b0.5_s0.json"))["epochs"] == serial["epochs"]
+
+
+def test_ctrl_c_stops_a_sweep_started_in_the_background(tmp_path):
+    """`bash run_all.sh &` inherits an ignored SIGINT; the sweep sets its own handler, so Ctrl-C still stops it."""
+    env = os.environ | {"TASKS": "sst2", "METHODS": "lora", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    p = subprocess.Popen(["bash", "-c", 'trap "" INT; exec bash run_all.sh smoke --epochs=30'], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_until((tmp_path / "sst2_lora_b0.5_s0.log").exists, p)
+    os.kill(p.pid, signal.SIGINT)
+    out = p.communicate(timeout=60)[0]
+    assert p.returncode == 130 and "interrupted" in out, out
+    wait_until(lambda: not group_alive(p.pid), timeout=30, what="orphaned runs")
+
+
+def test_kill_9_of_a_run_or_of_the_sweep_loses_nothing_and_leaves_no_orphan(tmp_path):
+    p = start(tmp_path, LONG, methods="lora fwlora", env={"JOBS": "1"})
+    log = tmp_path / "sst2_lora_b0.5_s0.log"
+    wait_until(lambda: run_pid(log) is not None, p)
+    os.kill(run_pid(log), signal.SIGKILL)  # the run dies without a word; the sweep says it for it
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 1 and "sst2_lora_b0.5_s0 FAILED (exit -9)" in out, out  # failures exit non-zero
+    assert json.load(open(tmp_path / "sst2_lora_b0.5_s0.error.json"))["error"] == "killed by signal 9"
+    assert "no finished result" in out and "sst2_lora_b0.5_s0.error.json" in (tmp_path / "table.md").read_text()
+
+    p = start(tmp_path, "--epochs=1000", methods="lora")  # far longer than the second it takes to stop it
+    wait_until(lambda: log.read_text().count("device: cpu") == 2, p)  # this second attempt is training
+    os.kill(p.pid, signal.SIGKILL)  # the sweep itself: its run must not run on alone
+    p.communicate(timeout=30)
+    wait_until(lambda: not group_alive(p.pid), timeout=30, what="orphaned runs")
+    assert json.load(open(tmp_path / "sst2_lora_b0.5_s0.error.json"))["error"].startswith("KeyboardInterrupt")
+    held = sweep.lock(str(tmp_path))  # the kernel dropped the dead sweep's lock
+    held.close()
+
+
+def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path):
+    tmp_path = tmp_path / "an OUT with spaces"  # quoted everywhere
+    p = start(tmp_path, "--lr=1e30", "--max_grad_norm=0")  # every run's loss becomes NaN
+    out = p.communicate(timeout=180)[0]
+    assert p.returncode == 1 and out.count("FAILED") == 2, out  # the first failure did not stop the sweep
+    for m in ("lora", "fwlora"):
+        assert json.load(open(tmp_path / f"sst2_{m}_b0.5_s0.error.json"))["status"] == "error"
+        assert not (tmp_path / f"sst2_{m}_b0.5_s0.json").exists()
+    assert "no finished runs" in out and "sst2_lora_b0.5_s0.error.json" in out
+
+
+def settings(tmp_path, *argv, **env):
+    return sweep.settings(list(argv), SMOKE | {"OUT": str(tmp_path)} | env)
+
+
+@pytest.mark.parametrize("env, argv, message", [
+    (dict(TASKS="mnli"), [], "TASKS: unknown 'mnli'"),
+    (dict(METHODS="lora bogus"), [], "METHODS: unknown 'bogus'"),
+    (dict(TIMED="lora,bogus"), [], "TIMED: unknown 'bogus'"),  # before the sweep, not after it
+    (dict(BUDGETS="0.5 0.50"), [], "are the same run sst2_lora_b0.5_s0"),
+    (dict(SEEDS="1 01"), [], "are the same run sst2_lora_b0.5_s1"),
+    ({}, ["--out_dir=Y"], "use OUT=... instead"),
+    ({}, ["--seed=3"], "use SEEDS=... instead"),
+    ({}, ["--nope=1"], "bad argument '--nope=1'"),
+    ({}, ["--lr=fast"], "--lr takes a float"),
+    ({}, ["--lr=-1"], "--lr"),
+    (dict(BUDGETS="0"), [], "budget must be > 0"),
+])
+def test_bad_sweep_input_is_refused_before_any_work(tmp_path, capsys, env, argv, message):
+    with pytest.raises(SystemExit) as e:
+        settings(tmp_path, *argv, **env)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+@pytest.mark.parametrize("key, value", [("JOBS", "0"), ("JOBS", "-1"), ("JOBS", "abc"), ("RUNS_PER_GPU", "0"),
+                                        ("RUNS_PER_GPU", "two")])
+def test_slot_counts_must_be_positive_integers(capsys, key, value):
+    with pytest.raises(SystemExit) as e:
+        sweep.slots({key: value}, on_gpu=key == "RUNS_PER_GPU")
+    assert e.value.code == 2 and f"{key} must be a positive whole number, got {value!r}" in capsys.readouterr().err
+
+
+def test_gpu_slots_map_through_the_inherited_device_list():
+    got = sweep.slots({"CUDA_VISIBLE_DEVICES": "2,3", "RUNS_PER_GPU": "2"}, on_gpu=True)
+    assert [s.gpu for s in got] == ["2", "2", "3", "3"]  # the scheduler's GPUs, not 0 and 1
+    assert [s.gpu for s in sweep.slots({"CUDA_VISIBLE_DEVICES": "7"}, on_gpu=True)] == ["7"]
+    with pytest.raises(SystemExit):
+        sweep.slots({"CUDA_VISIBLE_DEVICES": ""}, on_gpu=True)  # handed no GPU at all
+    cpu = sweep.slots({"JOBS": "2"}, on_gpu=False)
+    assert len(cpu) == 2 and all(s.gpu is None and s.threads >= 1 for s in cpu)
+
+
+def test_read_only_out_is_named_as_such(tmp_path, monkeypatch, capsys):
+    def read_only(path, *a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+    monkeypatch.setattr(sweep, "open", read_only, raising=False)
+    with pytest.raises(SystemExit):
+        settings(tmp_path / "ro")
+    assert "is read-only or not writable here (Read-only file system)" in capsys.readouterr().err
+
+
+SPEC_OUT = "--model=tiny-bert --max_train=128 --max_eval=64 --epochs=2 --lr=2e-3 --task=sst2 --method=lora"
+
+
+def finished(out, **changes):
+    """A complete finished result of the smoke profile's LoRA run, as train.py writes it, with `changes`."""
+    from record import parse_args
+    from train import Config
+    cfg = dataclasses.asdict(parse_args(f"{SPEC_OUT} --budget=0.5 --seed=0 --out_dir={out}".split(), Config))
+    r = {"config": cfg | changes, "status": "ok", "metric": "accuracy", "final": 0.5, "best": 0.5,
+         "epochs": [{"preds": [0, 1]}], "dev_labels": [0, 1], "budget": {"adapter_pct": 0.5},
+         "environment": {"device": "cpu"}}
+    (out / "sst2_lora_b0.5_s0.json").write_text(json.dumps(r))
+    return r
+
+
+def test_plan_reuses_only_the_same_run_and_moves_corrupt_results_aside(tmp_path, capsys):
+    assert [x[:2] for x in sweep.plan(settings(tmp_path))] == [("todo", "sst2_lora_b0.5_s0")]
+    finished(tmp_path, log_every=7, out_dir="elsewhere")  # fields that cannot change a result
+    assert [x[:2] for x in sweep.plan(settings(tmp_path))] == [("done", "sst2_lora_b0.5_s0")]
+    assert [x[1] for x in sweep.plan(settings(tmp_path, METHODS="all"))] == \
+        [f"sst2_{m}_b0.5_s0" for m in METHODS]  # all: every method, LoRA first
+    assert [x[:2] for x in sweep.plan(settings(tmp_path, BUDGETS="0.50", SEEDS="00"))] == \
+        [("done", "sst2_lora_b0.5_s0")]  # one name formula: it resumes
+    finished(tmp_path, lr=1e-3, max_grad_norm=0.0)
+    with pytest.raises(SystemExit):
+        sweep.plan(settings(tmp_path))
+    assert "lr 0.001 -> 0.002, max_grad_norm 0.0 -> 1.0" in capsys.readouterr().err
+    r = finished(tmp_path)
+    r["environment"]["device"] = "cuda:0"
+    (tmp_path / "sst2_lora_b0.5_s0.json").write_text(json.dumps(r))
+    with pytest.raises(SystemExit):
+        sweep.plan(settings(tmp_path))  # made on a GPU: not this run on a CPU
+    assert "device cuda -> cpu" in capsys.readouterr().err
+    for broken in ('{"config": {"task"', json.dumps({k: v for k, v in finished(tmp_path).items() if k != "epochs"})):
+        (tmp_path / "sst2_lora_b0.5_s0.json").write_text(broken)  # truncated; a finished result without epochs
+        assert [x[:2] for x in sweep.plan(settings(tmp_path))] == [("todo", "sst2_lora_b0.5_s0")]
+        assert (tmp_path / "sst2_lora_b0.5_s0.corrupt").exists() and not (tmp_path / "sst2_lora_b0.5_s0.json").exists()
+    s = settings(tmp_path / "new", "--glue_dir=/nonexistent")
+    with pytest.raises(SystemExit):
+        sweep.preflight(s, sweep.plan(s))  # data checked once, up front
+    assert "--glue_dir" in capsys.readouterr().err
+
+
+def test_budgets_on_one_rank_are_refused(tmp_path, capsys):
+    s = settings(tmp_path, BUDGETS="0.5 0.55")
+    with pytest.raises(SystemExit):
+        sweep.preflight(s, sweep.plan(s))
+    err = capsys.readouterr().err
+    assert "budgets 0.5% and 0.55% give the same rank on tiny-bert" in err
+
+
+def test_one_sweep_per_folder(tmp_path, capsys):
+    held = sweep.lock(str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        sweep.lock(str(tmp_path))
+    assert e.value.code == 1 and f"another sweep (pid {os.getpid()})" in capsys.readouterr().err
+    held.close()
+    sweep.lock(str(tmp_path)).close()  # free again
+
+
+def fake_squeue(tmp_path, monkeypatch, script):
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    (tmp_path / "bin" / "squeue").write_text("#!/bin/bash\n" + script)
+    (tmp_path / "bin" / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    (tmp_path / "slurm").mkdir(exist_ok=True)
+    (tmp_path / "slurm" / "jobs").write_text("41\n42\n")
+
+
+def test_slurm_guard_fails_closed(tmp_path, monkeypatch, capsys):
+    fake_squeue(tmp_path, monkeypatch, 'echo "slurm_load_jobs error: Unable to contact slurm controller" >&2; exit 1')
+    with pytest.raises(SystemExit) as e:
+        sweep.slurm_guard(str(tmp_path), {})
+    assert e.value.code == 1 and "squeue cannot say whether they still run" in capsys.readouterr().err
+    sweep.slurm_guard(str(tmp_path), {"SLURM_GUARD": "off"})  # the user's override
+    fake_squeue(tmp_path, monkeypatch, 'echo 42; echo 99')
+    with pytest.raises(SystemExit):
+        sweep.slurm_guard(str(tmp_path), {})
+    assert "SLURM jobs 42, submitted earlier" in capsys.readouterr().err
+    fake_squeue(tmp_path, monkeypatch, 'echo 99')
+    sweep.slurm_guard(str(tmp_path), {})  # ours have ended
+
+
+def test_timing_rotates_the_method_order(tmp_path):
+    s = settings(tmp_path, TASKS="sst2 cola", TIMED="lora,fwlora,adalora")
+    (task1, args1), (task2, args2) = sweep.timing(s)
+    assert (task1, args1[1], task2, args2[1]) == ("sst2", "--methods=lora,fwlora,adalora",
+                                                  "cola", "--methods=fwlora,adalora,lora")
