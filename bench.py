@@ -2,7 +2,8 @@
 by step (machine noise hits all alike), built by train.prepare() and stepped by train.train_step().
 
     python bench.py          # per step, every VARIANT, MiniLM: ratios, matmul rate vs peak, Fisher estimator error
-    python bench.py gpu      # GPU acceptance (a few minutes): the same on roberta-base, bf16, 300 steps, step memory
+    python bench.py gpu      # GPU acceptance (a few minutes): roberta-base's shapes, bf16, real SST-2 batches, 300
+                             # steps, every method; PASS/FAIL per criterion, exit 1 on a FAIL or without CUDA
     python bench.py runs --methods=lora,fwlora,adalora --task=sst2 --max_train=8000 --epochs=1 --lr=2e-3
         # whole runs; a method may carry its own fields: --methods=lora,lora:group_by_length=false
 """
@@ -15,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from data import hub_reachable, synthetic
-from record import Clock, environment, parse_args, run_name, train_ms, write_json
+from record import METHODS, Clock, environment, parse_args, run_name, train_ms, write_json
 from train import Config, check_config, check_finite, evaluate, prepare, train_step
 
 WARM = dict(fw_warmup_steps=10**9, fw_warmup_max_frac=1.0)  # FW-LoRA's Fisher warm-up on every step
@@ -38,14 +39,21 @@ def rng_state(device, state: tuple | None = None) -> tuple:
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def interleave(cfgs: dict, data: tuple | None = None, steps: int | None = None) -> dict:
+def interleave(cfgs: dict, data: tuple | None = None, steps: int | None = None, warm: int = 3) -> dict:
     """{name: Config} -> {name: train.Run}, prepared (one tokenised data set for all) and trained one step each
-    in turn, for all their epochs or the first `steps`."""
+    in turn, for all their epochs or the first `steps`. First, off the clock, a throwaway copy of each run takes
+    `warm` steps: the process's one-off set-up (CUDA context, cuBLAS handles, kernels, the allocator) is then paid
+    by no method's clock, and the timed runs are untouched (each is prepared afresh from its seed)."""
     runs, rng = {}, {}
     for m, cfg in cfgs.items():
         check_config(cfg)
+        throwaway = prepare(cfg, data)
+        data = (throwaway.train_b, throwaway.dev_b)
+        for step, batch in zip(range(warm), throwaway.epoch(0)):
+            train_step(throwaway, batch, step)
+    del throwaway
+    for m, cfg in cfgs.items():
         runs[m] = prepare(cfg, data)
-        data = (runs[m].train_b, runs[m].dev_b)
         rng[m] = rng_state(runs[m].device)  # where train() would start drawing dropout masks
     total = steps or next(iter(runs.values())).T
     streams = [itertools.chain.from_iterable(map(r.epoch, range(r.cfg.epochs))) for r in runs.values()]  # map binds
@@ -85,9 +93,9 @@ def step_flops(run, batch) -> float:
     return float(per_token * n.sum() + 12 * c.num_hidden_layers * c.hidden_size * n.pow(2).sum())
 
 
-def steps(b: Config, n_steps: int = 30, skip: int = 6) -> dict:
-    """Every VARIANT on the same synthetic batches: ms/step, buckets, matmul rate, step memory (GPU)."""
-    data = synthetic(n_steps * b.batch_size, b.batch_size, b.batch_size, seq_len=64, vocab=20000)
+def steps(b: Config, n_steps: int = 30, skip: int = 6, data: tuple | None = None) -> dict:
+    """Every VARIANT on the same batches (synthetic unless `data`): ms/step, buckets, matmul rate, memory (GPU)."""
+    data = data or synthetic(n_steps * b.batch_size, b.batch_size, b.batch_size, seq_len=64, vocab=20000)
     runs = interleave({v: dataclasses.replace(b, epochs=1, **over) for v, over in VARIANTS.items()}, data, n_steps)
     lora, table = runs["lora"], {}
     batches = itertools.islice(lora.train_b.epoch(b.seed * 1000, b.group_by_length), n_steps)  # every run's
@@ -99,10 +107,10 @@ def steps(b: Config, n_steps: int = 30, skip: int = 6) -> dict:
                     "buckets_ms_per_step": {k: round(sum(t) / n_steps, 3) for k, t in r.clock.ms.items()
                                             if k != "step"}}
         table[v]["ratio"] = table[v]["ms_per_step_median"] / table["lora"]["ms_per_step_median"]
-        if r.device.type == "cuda":  # memory one step needs above what is resident (every run's model and state)
+        if r.device.type == "cuda":  # memory one more step needs above what is resident (every run's model and state)
             torch.cuda.reset_peak_memory_stats(r.device)
             resident = torch.cuda.memory_allocated(r.device)
-            train_step(r, next(r.epoch(0)), 0)
+            train_step(r, next(r.epoch(0)), n_steps)  # in the variant's own phase (warm-up variants: still warming)
             table[v]["step_peak_mb"] = (torch.cuda.max_memory_allocated(r.device) - resident) / 2**20
     peak = {p: matmul_peak(lora.device, dt) for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     env = environment(lora.device)
@@ -116,7 +124,8 @@ def steps(b: Config, n_steps: int = 30, skip: int = 6) -> dict:
               ((u, (i - I["fwlora_warmup_exact"]).abs() / I["fwlora_warmup_exact"]) for u, i in I.items())}
     show(f"I_m's relative error vs the exact estimator ({n_steps} steps)", fisher, tuple(fisher["fwlora_warmup_exact"]))
     out = {"config": dataclasses.asdict(b), "environment": env, "matmul_peak_gflop_per_s": peak, "variants": table,
-           "fisher_estimator": fisher}
+           "fisher_estimator": fisher, "tokens_per_step": sum(int(x["attention_mask"].sum()) for x in
+                                                            itertools.islice(lora.train_b.epoch(0), n_steps)) / n_steps}
     write_json(os.path.join(b.out_dir, f"bench_steps_{b.model}_{b.precision}_{lora.device.type}.json"), out)
     return out
 
@@ -125,7 +134,7 @@ def runs(cfgs: dict, data: tuple | None = None) -> dict:
     """Whole runs of {name: Config}, side by side; total time ratios to the first. Each run keeps its own RNG
     stream, so each ends with the standalone train.py run's loss and metric, bit for bit."""
     prepared = interleave(cfgs, data)
-    lora = next(iter(prepared.values())).clock
+    lora = prepared["lora"].clock if "lora" in prepared else next(iter(prepared.values())).clock  # the baseline
     base, table = lora.ms["step"], {}
     for m, r in prepared.items():
         ms, dev, total = r.clock.ms["step"], evaluate(r), train_ms(r.clock.totals())  # fwrank: its pre-pass counts
@@ -146,24 +155,69 @@ def runs(cfgs: dict, data: tuple | None = None) -> dict:
     return out
 
 
-def gpu(tiny: bool = False) -> dict:
-    """GPU acceptance: steps() on roberta-base (without the hub, its shapes), bf16, 300 steps; tiny: tiny-bert."""
-    model = "tiny-bert" if tiny else "roberta-base" if hub_reachable() else "random-roberta-base"
-    return steps(Config(model=model, precision="bf16"), n_steps=8 if tiny else 300, skip=2 if tiny else 20)
+MEMORY_BOUND_GB = 40  # every VARIANT's model and state at once, plus one step: fits a 40 GB A100 with room
+
+
+def gpu(cfg: Config, tiny: bool = False, n_steps: int = 300) -> bool:
+    """The GPU acceptance check: every criterion printed PASS or FAIL; True when all pass. steps() on roberta-base
+    (offline: its shapes, random-roberta-base) under bf16, on batches of real SST-2 sentences (the shipped copy,
+    the model's tokenizer), then every method for a few steps. tiny: tiny-bert on the CPU, 8 steps (the tests)."""
+    from data import load_model, make_batches
+    if tiny:
+        cfg, n_steps = dataclasses.replace(cfg, model="tiny-bert", device="cpu"), 8
+    check_config(cfg)
+    data = make_batches("sst2", cfg.glue_dir, load_model(cfg.model)[1], cfg.max_length, cfg.batch_size,
+                        n_steps * cfg.batch_size, 64, cfg.seed)
+    cuda = cfg.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    out = steps(cfg, n_steps, skip=2 if tiny else 20, data=data)
+    checks = {}
+    for m in METHODS:  # every method, a few steps each: nothing raises, the loss stays finite, bf16 is on
+        run = prepare(dataclasses.replace(cfg, method=m, epochs=1, fw_warmup_steps=2, ada_t_init=1, ada_t_final=2,
+                                          ada_delta_t=1), data)
+        for step, batch in zip(range(5), run.epoch(0)):
+            train_step(run, batch, step)
+        check_finite(run)
+        with run.autocast():
+            checks.setdefault("bf16 autocast active in every method", []).append(
+                run.model(**next(run.epoch(0))).logits.dtype == torch.bfloat16)
+    peak_gb = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    verdicts = {"a CUDA device": (out["environment"]["device"].startswith("cuda") if not tiny else None),
+                "bf16 autocast active in every method": all(checks["bf16 autocast active in every method"]),
+                "every loss finite": True,  # check_finite raised otherwise
+                f"peak memory {peak_gb:.1f} GB <= {MEMORY_BOUND_GB} GB": peak_gb <= MEMORY_BOUND_GB,
+                f"every method ran ({len(METHODS)}) and every variant timed ({len(VARIANTS)})":
+                    len(out["variants"]) == len(VARIANTS)}
+    print("\nacceptance:")
+    for what, ok in verdicts.items():
+        print(f"  {'skip (tiny CPU mode)' if ok is None else 'PASS' if ok else 'FAIL'}: {what}")
+    lora = out["variants"]["lora"]
+    print(f"  ratios to LoRA: " + ", ".join(f"{v} {r['ratio']:.3f}" for v, r in out["variants"].items() if v != "lora")
+          + f"; LoRA {lora['ms_per_step_median']:.1f} ms/step, {lora['gflop_per_s']:.0f} GFLOP/s on "
+          f"{out['tokens_per_step']:.0f} real tokens per step; peak memory {peak_gb:.2f} GB")
+    return all(ok is not False for ok in verdicts.values())
 
 
 def main(argv: list[str]) -> int:
-    """bench.py's command line (the sweep's timing step calls it too)."""
+    """bench.py's command line (the sweep's timing step calls it too). Exit 1 on an error or a failed check."""
     mode, args = (argv[0], argv[1:]) if argv[:1] in (["runs"], ["gpu"]) else ("steps", argv)
     methods = next((a.split("=", 1)[1] for a in args if a.startswith("--methods=")), "lora,fwlora,adalora")
     try:
+        if mode == "gpu":  # roberta-base's shapes, bf16, on CUDA, unless the arguments say otherwise
+            defaults = ["--model=" + ("roberta-base" if hub_reachable() else "random-roberta-base"), "--device=cuda",
+                        "--precision=bf16"]
+            given = {a.split("=")[0] for a in args}
+            args = [a for a in defaults if a.split("=")[0] not in given] + args
         cfg = parse_args([a for a in args if not a.startswith(("--methods=", "--tiny="))], Config, __doc__)
         if mode == "runs":  # "lora:group_by_length=false": a method, then fields of its own over the shared ones
             runs({m: dataclasses.replace(cfg, method=m.split(":")[0], **{k: getattr(parse_args(
                   [f"--{f}" for f in m.split(":")[1:]], Config), k) for k in (f.split("=")[0] for f in m.split(":")[1:])})
                   for m in methods.split(",")})
+        elif mode == "gpu":
+            return 0 if gpu(cfg, tiny="--tiny=true" in args) else 1
         else:
-            gpu(tiny="--tiny=true" in args) if mode == "gpu" else steps(cfg)
+            steps(cfg)
     except (ValueError, RuntimeError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

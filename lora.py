@@ -119,19 +119,22 @@ def count_base_params(model: nn.Module) -> int:
 
 
 def rank_for_budget(budget_pct: float, n_base: int, shapes: list[tuple[int, int]]) -> int:
-    """The budget rule: the uniform integer rank whose adapter count is nearest to the budget.
+    """The budget rule: the smallest uniform integer rank whose adapter count reaches the budget (rounded up).
 
-    One unit of rank on matrix (d_out, d_in) costs d_in + d_out parameters. With the 6 matrices of
-    roberta-base (165,888 per unit of rank) 0.1% -> r=1 (0.133%), 0.2% -> r=2, 0.5% -> r=4.
+    One unit of rank on matrix (d_out, d_in) costs d_in + d_out parameters. On roberta-base's 6 matrices × 12
+    layers (165,888 per unit of rank, 124,055,040 base parameters) 0.1 / 0.2 / 0.5% are 0.75 / 1.50 / 3.74 units:
+    r = 1, 2, 4, the ranks the hypothesis's budgets mean. (Nearest rank would give 0.2% -> r = 1, the same run
+    as 0.1%.) A budget under half of rank 1 is refused: rank 1 would overshoot it more than twice.
     """
     if not budget_pct > 0:
         raise ValueError(f"budget must be > 0 (percent of base parameters), got {budget_pct}")
     per_rank = sum(d_in + d_out for d_out, d_in in shapes)
-    r = round(budget_pct / 100 * n_base / per_rank)
-    if r < 1:
+    units = budget_pct / 100 * n_base / per_rank
+    if units < 0.5:
         raise ValueError(f"budget {budget_pct}% is below half of rank 1 ({100 * per_rank / n_base:.3f}%)"
                          f" on these {len(shapes)} matrices: raise --budget to at least "
                          f"{50 * per_rank / n_base:.3f} or adapt fewer matrices")
+    r = math.ceil(units - 1e-9)  # a budget that is exactly k units (up to float error) is rank k
     r_max = min(min(s) for s in shapes)
     if r > r_max:
         raise ValueError(f"budget {budget_pct}% needs rank {r} > the smallest matrix side {r_max}")

@@ -82,6 +82,18 @@ class Config:
     overwrite: bool = False       # replace a finished result of the same name (otherwise an error)
 
 
+# The range of every numeric field: (low, high, low inclusive, high inclusive); the message shows it as written here.
+RANGES = {**dict.fromkeys(("epochs", "batch_size", "max_length", "ada_delta_t", "fw_warmup_steps", "fw_probes",
+                           "log_every"), (1, math.inf, True, False)),
+          **dict.fromkeys(("max_train", "max_eval", "max_grad_norm", "timing_skip", "weight_decay", "fw_rank_min",
+                           "fw_lambda", "ada_gamma", "lora_dropout"), (0, math.inf, True, False)),
+          "lr": (0, math.inf, False, False), "lora_alpha": (0, math.inf, False, False),
+          "budget": (0, 100, False, False), "warmup_ratio": (0, 1, True, False), "lora_dropout": (0, 1, True, False),
+          "ada_beta1": (0, 1, False, False), "ada_beta2": (0, 1, False, False), "fw_alpha": (0, 1, False, False),
+          "ada_init_ratio": (1, math.inf, True, False), "fw_warmup_max_frac": (0, 1, False, True),
+          "seed": (0, 2**32, True, False)}  # the seed: 1000·seed + epoch must stay a valid generator seed
+
+
 def check_config(cfg: Config) -> None:
     """Fail before any work on input that cannot run, with what to do instead."""
     check_task(cfg.task)
@@ -89,13 +101,15 @@ def check_config(cfg: Config) -> None:
                          "fp32")), ("fw_estimator", ("probe", "exact")), ("fw_form", ("delta", "factors"))):
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"unknown {key} {getattr(cfg, key)!r}: choose one of {', '.join(allowed)}")
-    if not 0 < cfg.budget < 100:
-        raise ValueError(f"--budget must be > 0 and < 100 (percent of base parameters), got {cfg.budget}")
-    bad = [k for k in ("epochs", "batch_size", "max_length", "ada_delta_t", "fw_warmup_steps", "fw_probes",
-                       "log_every") if getattr(cfg, k) < 1] + [k for k in ("max_train", "max_eval", "max_grad_norm",
-                       "timing_skip", "weight_decay", "fw_rank_min") if getattr(cfg, k) < 0] + ["lr"] * (not 0 < cfg.lr < math.inf)
-    if bad:
-        raise ValueError(f"out of range: --{', --'.join(bad)} (counts >= 1; caps, norms >= 0, 0 = off; lr > 0)")
+    for key, (lo, hi, lo_in, hi_in) in RANGES.items():
+        v = getattr(cfg, key)
+        if not ((lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)):  # NaN fails both
+            raise ValueError(f"--{key}={v} is out of range: it must be in {'[' if lo_in else '('}{lo:g}, "
+                             f"{hi:g}{']' if hi_in else ')'}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device=cuda, but this torch ({torch.__version__}, CUDA build "
+                         f"{torch.version.cuda or 'none: a CPU-only build'}) sees no CUDA GPU: check the driver, "
+                         "CUDA_VISIBLE_DEVICES and the job's GPU request, or run with --device=cpu")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -26,17 +26,28 @@ def test_interleaved_runs_reproduce_standalone_runs(tmp_path, monkeypatch):
     assert out["runs"]["fwlora"]["fw_warmup_steps"] == 3
 
 
-def test_gpu_acceptance_check_in_tiny_cpu_mode(tmp_path, monkeypatch):
+def test_gpu_acceptance_check_in_tiny_cpu_mode(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    out = bench.gpu(tiny=True)
+    assert bench.main(["gpu", "--tiny=true"]) == 0
     saved = json.load(open(tmp_path / "results" / "bench_steps_tiny-bert_bf16_cpu.json"))
     assert saved["config"]["precision"] == "bf16" and set(saved["variants"]) == set(bench.VARIANTS)
-    t = out["variants"]
+    assert 8 < saved["tokens_per_step"] / 32 < 40  # real SST-2 sentences (about 13 tokens), not synthetic 32-64
+    t = saved["variants"]
     assert t["adalora"]["ratio"] == t["adalora"]["ms_per_step_median"] / t["lora"]["ms_per_step_median"]
     assert all(r["ms_per_step_median"] > 0 and r["gflop_per_s"] > 0 for r in t.values())
     assert "fisher" in t["fwlora_warmup_probe16"]["buckets_ms_per_step"]
     assert "penalty" in t["fwlora_penalised"]["buckets_ms_per_step"]
     assert "allocator" in t["adalora_masking"]["buckets_ms_per_step"]
+    out = capsys.readouterr().out
+    assert "skip (tiny CPU mode): a CUDA device" in out and "FAIL" not in out
+    assert "PASS: bf16 autocast active in every method" in out and "PASS: every method ran (7)" in out
+
+
+def test_gpu_mode_refuses_a_machine_without_cuda(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "hub_reachable", lambda: False)
+    assert bench.main(["gpu"]) == 1
+    assert "--device=cuda, but this torch" in capsys.readouterr().err and not (tmp_path / "results").exists()
 
 
 def test_step_flops_by_hand():
