@@ -65,3 +65,21 @@ def test_report_tables_verdict_and_degenerate_runs(tmp_path):
     assert "Does FW-LoRA beat the sharper, max-normalised weighting? not run" in text  # no fwmax runs here
     assert text.count("not run") == 3  # AdaLoRA, fwmax and fwrank: every question asks a pair the table has
     assert (tmp_path / "table.md").read_text().strip() == text.strip()
+
+
+def test_a_failed_write_names_the_path_and_keeps_the_earlier_file(tmp_path, monkeypatch):
+    """A full disk: the temp file goes, the error names the target, and the earlier table survives whole."""
+    import errno
+    import os
+    import pytest
+    from record import write_file
+    table = tmp_path / "table.md"
+    write_file(str(table), lambda f: f.write("the earlier table\n"))
+
+    def full(f):
+        f.write("half a tab")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(OSError, match=f"could not write {table}: No space left on device"):
+        write_file(str(table), full)
+    assert table.read_text() == "the earlier table\n" and os.listdir(tmp_path) == ["table.md"]
+    assert oct(table.stat().st_mode & 0o777) == "0o644"
