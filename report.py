@@ -281,7 +281,7 @@ def main(folder: str) -> str:
     check_pooling(runs)
     c, env = runs[0]["config"], runs[0]["environment"]
     table, comp = tables(runs, folder)
-    text = (f"# Results: {folder}\n\nModel `{c['model']}`, {len(runs)} finished runs, device {env['device']} "
+    text = (f"# Results: {folder}\n\nModel `{c['model']}`, {len(runs)} finished runs, device {env.get('device', '?')} "
             f"({env.get('device_name', '?')}, {env.get('threads', '?')} threads per run), data: {data_source(runs)}."
             f"\n\n{table}\n\n"
             + verdict(comp, runs, bench_ratios(folder)))

@@ -122,7 +122,8 @@ def plan(s: Sweep) -> list[tuple[str, str, list]]:
         elif r:
             diff = [f"{k} {r['config'].get(k, '(absent)')!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
                     if k not in IGNORED and r["config"].get(k, "(absent)") != v]
-            made_on, now = r["environment"]["device"].split(":")[0], kind if cfg.device == "auto" else cfg.device
+            made_on = str(r["environment"].get("device", "unknown")).split(":")[0]
+            now = kind if cfg.device == "auto" else cfg.device
             clash += [f"  {name}.json: " + ", ".join(diff + [f"device {made_on} -> {now}"] * (made_on != now))] * \
                 bool(diff or made_on != now)
         out.append(("done" if r else "todo", name, args))
