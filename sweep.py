@@ -274,6 +274,9 @@ def run_local(s: Sweep, todo: list, jobs: list[Slot]) -> list[str]:
                 print(f"[{k}/{len(todo)}] {name}: {r['metric']} {r['final']:.4f}, {took[-1]:.1f} s; "
                       f"about {left:.0f} min left")
                 continue
+            if STOP or p.exitcode == 130:  # Ctrl-C reaches the runs too: stopped, not failed
+                print(f"[{k}/{len(todo)}] {name} stopped")
+                continue
             failed.append(name)
             err = os.path.join(s.out, name + ".error.json")
             if p.exitcode < 0 and not os.path.exists(err):  # killed: the run could not say so itself
