@@ -15,6 +15,7 @@ import os
 import statistics
 import sys
 from collections import defaultdict
+from types import SimpleNamespace
 
 import torch
 
@@ -31,16 +32,11 @@ def load(folder: str) -> tuple[list[dict], list[str]]:
     results = {p: read_result(p) for p in sorted(glob.glob(os.path.join(folder, "*.json")))
                if not p.endswith(".partial.json") and not os.path.basename(p).startswith("bench_runs_")}
     runs = [r for r in results.values() if r and r["status"] == "ok"]
-    done = {run_name(_Cfg(r["config"])) for r in runs}
+    done = {run_name(SimpleNamespace(**r["config"])) for r in runs}
     failed = sorted(os.path.basename(p) for p, r in results.items() if r and r["status"] == "error"
                     and os.path.basename(p).removesuffix(".error.json") not in done
                     and r["config"].get("method") in METHODS)
     return runs, failed
-
-
-class _Cfg:  # a config dict read as attributes, for run_name
-    def __init__(self, d):
-        self.__dict__.update(d)
 
 
 def check_pooling(runs: list[dict]) -> None:
@@ -52,7 +48,7 @@ def check_pooling(runs: list[dict]) -> None:
         ref = first.setdefault(key, c)
         diff = sorted(k for k in set(c) | set(ref) if k not in IGNORED + ("seed",) and c.get(k) != ref.get(k))
         if diff:
-            clash.append(f"  {run_name(_Cfg(c))} vs {run_name(_Cfg(ref))}: "
+            clash.append(f"  {run_name(SimpleNamespace(**c))} vs {run_name(SimpleNamespace(**ref))}: "
                          + ", ".join(f"{k} {ref.get(k)!r} / {c.get(k)!r}" for k in diff[:6]))
     if clash:
         sys.exit("error: runs of one method and cell differ in more than the seed, so they cannot be pooled:\n"

@@ -124,8 +124,10 @@ def plan(s: Sweep) -> list[tuple[str, str, list]]:
                     if k not in IGNORED and r["config"].get(k, "(absent)") != v]
             made_on = str(r["environment"].get("device", "unknown")).split(":")[0]
             now = kind if cfg.device == "auto" else cfg.device
-            clash += [f"  {name}.json: " + ", ".join(diff + [f"device {made_on} -> {now}"] * (made_on != now))] * \
-                bool(diff or made_on != now)
+            if made_on != now:
+                diff.append(f"device {made_on} -> {now}")
+            if diff:
+                clash.append(f"  {name}.json: " + ", ".join(diff))
         out.append(("done" if r else "todo", name, args))
     if clash:
         fail(f"{s.out} holds results made with another configuration (field: there -> now):\n" + "\n".join(clash[:8])
@@ -308,14 +310,14 @@ def run_local(s: Sweep, todo: list, jobs: list[Slot]) -> list[str]:
     return failed
 
 
-def submit_slurm(s: Sweep, todo: list, timing_todo: list) -> int:
+def submit_slurm(s: Sweep, todo: list, timing_todo: list, env: dict) -> int:
     """The runs to do as one SLURM job array (task i: the i-th run's train.py command, as the local sweep's), then
     one job after it for the timing and the report. Job scripts are written to OUT/slurm/ for reading."""
     if not todo and not timing_todo:
         print(f"nothing to submit: every run of this sweep has its result in {s.out}, so the table is complete "
               f"({sys.executable} report.py {s.out} prints it)")
         return 0
-    d, stamp, py, env = os.path.join(s.out, "slurm"), time.strftime("%Y%m%d-%H%M%S"), shlex.quote(sys.executable), os.environ
+    d, stamp, py, env = os.path.join(s.out, "slurm"), time.strftime("%Y%m%d-%H%M%S"), shlex.quote(sys.executable), env
     os.makedirs(d, exist_ok=True)
     head = "#!/bin/bash\nexport OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1} PYTHONUNBUFFERED=1\n"
     log = lambda name: shlex.quote(os.path.join(s.out, name + ".log"))  # appended to: never cuts a finished run's
@@ -373,7 +375,7 @@ def main(argv: list[str], env: dict | None = None) -> int:
     for _, name, _ in (x for x in steps if x[0] == "done"):
         print(f"skip {name} (done)" + f"; {redo} does not redo a finished run: move its result out of OUT" * bool(redo))
     if s.slurm:
-        return submit_slurm(s, todo, timing(s))
+        return submit_slurm(s, todo, timing(s), env)
     failed = run_local(s, todo, slots(env, any(parse_args(a, Config).device == "cuda" for _, _, a in todo)))
     if failed:
         print(f"failed ({len(failed)}): {', '.join(failed)}")

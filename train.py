@@ -86,7 +86,7 @@ class Config:
 RANGES = {**dict.fromkeys(("epochs", "batch_size", "max_length", "ada_delta_t", "fw_warmup_steps", "fw_probes",
                            "log_every"), (1, math.inf, True, False)),
           **dict.fromkeys(("max_train", "max_eval", "max_grad_norm", "timing_skip", "weight_decay", "fw_rank_min",
-                           "fw_lambda", "ada_gamma", "lora_dropout"), (0, math.inf, True, False)),
+                           "fw_lambda", "ada_gamma"), (0, math.inf, True, False)),
           "lr": (0, math.inf, False, False), "lora_alpha": (0, math.inf, False, False),
           "budget": (0, 100, False, False), "warmup_ratio": (0, 1, True, False), "lora_dropout": (0, 1, True, False),
           "ada_beta1": (0, 1, False, False), "ada_beta2": (0, 1, False, False), "fw_alpha": (0, 1, False, False),
@@ -113,8 +113,7 @@ def check_config(cfg: Config) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device=cuda but no CUDA GPU is available: use --device=auto or cpu")
+    """The run's device (check_config has refused cuda where there is none), printed with the reason."""
     dev = torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     why = "asked for" if name != "auto" else "a CUDA GPU is available" if dev.type == "cuda" else "no CUDA GPU found"
     print(f"device: {dev} ({why})")
@@ -332,7 +331,7 @@ def train(cfg: Config, data: tuple | None = None) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """train.py's command line (the sweep's workers call it too): a one-line error and exit 2 on bad input or a
+    """train.py's command line (the sweep's workers call it too): a one-line error and exit 1 on bad input or a
     failed run, 130 when stopped; the .error.json says how far it got."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (the sweep stopping) as Ctrl-C
     try:
