@@ -67,6 +67,9 @@ def orth_regularizer(groups: list[list]) -> torch.Tensor:
 
 def check_schedule(total_steps: int, t_init: int, t_final: int, delta_t: int) -> None:
     """Fail before training on a schedule that has no decreasing phase or cannot end at the target budget."""
+    if total_steps < 3:  # the shortest schedule that ends at its target: t_init = 0, t_final = 2, T = 3
+        raise ValueError(f"AdaLoRA needs at least 3 optimiser steps, this run has T={total_steps}: train longer "
+                         "(more --epochs or --max_train, or a smaller --batch_size)")
     if total_steps <= t_init + t_final:
         raise ValueError(f"AdaLoRA needs total steps T > t_init + t_final, got T={total_steps}, "
                          f"t_init={t_init}, t_final={t_final}: lower --ada_t_init or --ada_t_final "
@@ -76,7 +79,9 @@ def check_schedule(total_steps: int, t_init: int, t_final: int, delta_t: int) ->
     if not (in_final_phase or (target_reached and last % delta_t == 0)):
         raise ValueError(f"AdaLoRA's last step (index {last}) would not mask to the target budget with "
                          f"T={total_steps}, t_final={t_final}, delta_t={delta_t}: raise --ada_t_final to "
-                         f"at least 2 (or train longer) so the run ends at exactly its target rank")
+                         f"at least 2" + (f" and lower --ada_t_init to at most {total_steps - 3}" if t_init + 2 >=
+                                          total_steps else "") + " (or train longer) so the run ends at exactly its "
+                         "target rank")
 
 
 def budget_schedule(step: int, b0: int, b_target: int, total_steps: int, t_init: int, t_final: int,

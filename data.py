@@ -38,9 +38,14 @@ def read_glue_tsv(path: str, task: str) -> tuple[list[str], list[int]]:
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    except UnicodeDecodeError as e:
-        line = open(path, "rb").read()[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path} line {line}: not UTF-8 ({e.reason}); GLUE files are UTF-8") from None
+    except UnicodeDecodeError:  # e.start counts within the decoder's chunk, not the file: find the line itself
+        with open(path, "rb") as f:
+            for line, raw in enumerate(f, start=1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path} line {line}: not UTF-8 ({e.reason}); GLUE files are UTF-8") from None
+        raise
     if task == "sst2":  # header `sentence\tlabel`
         if not rows or rows[0][:2] != ["sentence", "label"]:
             raise ValueError(f"{path}: expected a 'sentence<TAB>label' header (GLUE SST-2 layout)")
@@ -158,7 +163,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     try:
         socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=timeout).close()
         return True
-    except OSError:
+    except OSError:  # offline from now on, for this process and its children: from_pretrained(local_files_only=True)
+        constants.HF_HUB_OFFLINE = True  # still asks the hub for optional files (adapter_config.json) and retries
+        os.environ["HF_HUB_OFFLINE"] = "1"
         return False
 
 

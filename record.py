@@ -157,6 +157,9 @@ def summarise(run, result: dict, paths: dict) -> dict:
                              "total_rank": sum(ada.rank_pattern()), "target_total_rank": ada.b_target}
     result["peak_memory_mb"] = (torch.cuda.max_memory_allocated(run.device) / 2**20 if run.device.type == "cuda"
                                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if os.path.exists(paths["final"]) and not cfg.overwrite:  # checked at the start too: another run of this
+        raise FileExistsError(f"{paths['final']} was written by another run while this one trained: kept that "
+                              f"one; this run's epochs are in {paths['partial']}")  # name may have finished since
     if cfg.save_adapters:
         save_adapters(run.model, paths["adapters"], {"task": cfg.task, "method": cfg.method, "rank": info["rank"],
                                                      "lora_alpha": cfg.lora_alpha, "targets": DEFAULT_TARGETS})

@@ -151,6 +151,10 @@ def build_method(cfg: Config, model, total_steps: int, prepass=None) -> Method:
     ada = fw = None
     if cfg.method == "adalora":
         r0 = ada_initial_rank(r, cfg.ada_init_ratio)
+        if r0 > min(min(s) for s in shapes):  # an SVD triplet per unit of rank: at most the smallest side
+            raise ValueError(f"AdaLoRA's initial rank {r0} (--ada_init_ratio={cfg.ada_init_ratio:g} × rank {r}) "
+                             f"exceeds the smallest matrix side {min(min(s) for s in shapes)}: lower "
+                             "--ada_init_ratio or --budget")
         t_init, t_final = [t if t >= 0 else round(frac * total_steps)  # -1: 10% and 40% of T
                            for t, frac in ((cfg.ada_t_init, 0.1), (cfg.ada_t_final, 0.4))]
         check_schedule(total_steps, t_init, t_final, cfg.ada_delta_t)  # before touching the model
@@ -218,6 +222,11 @@ def prepare(cfg: Config, data: tuple | None = None) -> Run:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg.model)
+    positions = model.config.max_position_embeddings - (model.config.pad_token_id + 1 if  # RoBERTa's ids start
+                                                         model.config.model_type == "roberta" else 0)  # after pad
+    if cfg.max_length > positions:
+        raise ValueError(f"--max_length={cfg.max_length} exceeds {cfg.model}'s {positions} positions: use at most "
+                         f"{positions}")
     train_b, dev_b = data or make_batches(cfg.task, cfg.glue_dir, tok, cfg.max_length, cfg.batch_size,
                                           cfg.max_train, cfg.max_eval, cfg.seed)
     T = cfg.epochs * len(train_b)
@@ -291,11 +300,11 @@ def evaluate(run: Run) -> dict:
 
 def train(cfg: Config, data: tuple | None = None) -> dict:
     """Train one (task, method, budget, seed); return the result dict that is also written as JSON."""
+    check_config(cfg)  # a rejected flag is not a run: no file (the sweep checks every run's flags up front)
     paths = result_paths(cfg)
     result = {"config": dataclasses.asdict(cfg), "status": "running", "epochs": []}
     step = 0
     try:  # from here on every failure, before or during training, leaves <name>.error.json
-        check_config(cfg)
         run = prepare(cfg, data)
         ada, fw, info = run.method.ada, run.method.fw, run.method.info
         result.update(budget=info, environment=environment(run.device))
@@ -327,7 +336,21 @@ def train(cfg: Config, data: tuple | None = None) -> dict:
         if result["epochs"]:
             print(f"epochs 1-{len(result['epochs'])} are kept in {paths['partial']}", file=sys.stderr)
         raise
-    return summarise(run, result, paths)  # writes <name>.json (and the adapters if asked)
+    try:
+        return summarise(run, result, paths)  # writes <name>.json (and the adapters if asked)
+    except OSError as e:  # a full disk: say what was lost, and leave a small .error.json if one still fits
+        if isinstance(e, FileExistsError):  # a finished run of this name appeared meanwhile: it stays (summarise)
+            raise
+        last = result["epochs"][-1]
+        print(f"the finished run's result was lost ({e}); its last epoch: accuracy {last['accuracy']:.4f}, MCC "
+              f"{last['mcc']:.4f}", file=sys.stderr)
+        small = {"config": result["config"], "status": "error", "error": f"could not write the result: {e}",
+                 "steps_done": step, "epochs": [{k: v for k, v in ep.items() if k != "preds"} for ep in result["epochs"]]}
+        try:
+            write_json(paths["error"], small)
+        except OSError:
+            print(f"no room for {paths['error']} either", file=sys.stderr)
+        raise
 
 
 def main(argv: list[str]) -> int:

@@ -94,8 +94,9 @@ def test_schedule_must_end_at_the_target():
     check_schedule(10, 2, 1, 3)                         # index 9 = T - t_final, and 9 % 3 == 0: masks to target
     with pytest.raises(ValueError, match="raise --ada_t_final"):
         check_schedule(10, 2, 1, 4)                     # index 9 would not mask: would end over budget
-    with pytest.raises(ValueError, match="raise --ada_t_final"):
+    with pytest.raises(ValueError, match="AdaLoRA needs at least 3 optimiser steps, this run has T=1"):
         check_schedule(1, 0, 0, 10)                     # T = 1 (was: "ok" at 0.269% against 0.2%)
+    check_schedule(3, 0, 2, 10)                         # the shortest schedule that ends at its target
 
 
 def test_schedule_guard_message():

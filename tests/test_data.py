@@ -36,8 +36,9 @@ def test_missing_and_malformed_files(tmp_path):
     (tmp_path / "CoLA" / "train.tsv").write_text("gj04\t1\t\tgood sentence .\nbroken line without tabs\n")
     with pytest.raises(ValueError, match="line 2: expected 4 tab-separated columns"):
         load_glue("cola", str(tmp_path))
-    (tmp_path / "CoLA" / "train.tsv").write_bytes(b"gj04\t1\t\tgood .\ngj04\t0\t*\tbad \xff byte .\n")
-    with pytest.raises(ValueError, match=r"train.tsv line 2: not UTF-8"):
+    # Bad case 12: a bad byte on line 1001 is named on line 1001 (not by its offset in the decoder's chunk)
+    (tmp_path / "CoLA" / "train.tsv").write_bytes(b"gj04\t1\t\tgood sentence .\n" * 1000 + b"gj04\t0\t*\tbad \xff .\n")
+    with pytest.raises(ValueError, match=r"train.tsv line 1001: not UTF-8"):
         load_glue("cola", str(tmp_path))
     (tmp_path / "bad.tsv").write_text("text\tlabel\nhello\t1\n")
     with pytest.raises(ValueError, match="header"):

@@ -1,5 +1,6 @@
 """LoRA invariants: init = base, only adapters/head move, merge, injection, budget rule, save/load."""
 import math
+import os
 
 import pytest
 import torch
@@ -120,15 +121,26 @@ def test_save_then_load_reproduces_outputs(tmp_path):
     save_adapters(model, tmp_path / "a.safetensors", meta)
     fresh, _ = lora_model()
     assert not torch.allclose(fresh(**batch).logits, ref)
-    assert load_adapters(fresh, tmp_path / "a.safetensors", meta) == {k: str(v) for k, v in meta.items()}
+    header = load_adapters(fresh, tmp_path / "a.safetensors", meta)
+    assert header == {k: str(v) for k, v in meta.items()} | {"sha256": header["sha256"]}
     assert torch.equal(fresh(**batch).logits, ref)
+    assert oct(os.stat(tmp_path / "a.safetensors").st_mode & 0o777) == "0o644"  # like the JSON results
     other, _ = lora_model(r=3)
     with pytest.raises(ValueError, match="a.safetensors does not fit this model"):
-        load_adapters(other, tmp_path / "a.safetensors")
+        load_adapters(other, tmp_path / "a.safetensors", meta)
     with pytest.raises(ValueError, match=r"a.safetensors was saved for another setup: lora_alpha '4.0' \(want '16.0'\)"):
         load_adapters(fresh, tmp_path / "a.safetensors", meta | {"lora_alpha": 16.0})
     with pytest.raises(ValueError, match="a.safetensors was saved for another setup: task 'sst2'"):
-        load_adapters(fresh, tmp_path / "a.safetensors", {"task": "cola"})
+        load_adapters(fresh, tmp_path / "a.safetensors", {"task": "cola"})  # checked whatever else is given
+    eight, _ = lora_model(alpha=8.0)  # the model's own alpha is always compared with the file's
+    with pytest.raises(ValueError, match=r"lora_alpha '4.0' \(want '8.0'\)"):
+        load_adapters(eight, tmp_path / "a.safetensors", {"task": "sst2"})
+    load_adapters(eight, tmp_path / "a.safetensors", {}, check_meta=False)  # the caller's opt-out
+    raw = bytearray((tmp_path / "a.safetensors").read_bytes())
+    raw[-64:] = bytes(64)  # zeroed tensor bytes under an intact header
+    (tmp_path / "z.safetensors").write_bytes(raw)
+    with pytest.raises(ValueError, match="z.safetensors: its tensors do not match the digest"):
+        load_adapters(fresh, tmp_path / "z.safetensors", meta)
     (tmp_path / "b.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(ValueError, match="b.safetensors: not a readable safetensors adapter file"):
-        load_adapters(fresh, tmp_path / "b.safetensors")
+        load_adapters(fresh, tmp_path / "b.safetensors", meta)

@@ -83,3 +83,30 @@ def test_a_failed_write_names_the_path_and_keeps_the_earlier_file(tmp_path, monk
         write_file(str(table), full)
     assert table.read_text() == "the earlier table\n" and os.listdir(tmp_path) == ["table.md"]
     assert oct(table.stat().st_mode & 0o777) == "0o644"
+
+
+def test_foreign_old_and_edited_results_are_skipped_by_name_and_configs_are_never_pooled(tmp_path, capsys):
+    """Bad cases 7-10: a foreign JSON, an older version's result (no preds) and an edited one (no epochs) are
+    each skipped with a warning naming the file and what it lacks; runs of one method and cell that differ in
+    anything but the seed are refused, naming the fields."""
+    import pytest
+    labels = torch.randint(0, 2, (N,), generator=torch.Generator().manual_seed(2))
+    for r in [fake_run(m, s, 0.8, labels) for m in ("lora", "fwlora") for s in range(2)]:
+        (tmp_path / f"sst2_{r['config']['method']}_b0.2_s{r['config']['seed']}.json").write_text(json.dumps(r))
+    old, edited = fake_run("fwlora", 2, 0.8, labels), fake_run("lora", 2, 0.8, labels)
+    del old["epochs"][0]["preds"], edited["epochs"]
+    (tmp_path / "sst2_fwlora_b0.2_s2.json").write_text(json.dumps(old))
+    (tmp_path / "sst2_lora_b0.2_s2.json").write_text(json.dumps(edited))
+    (tmp_path / "sst2_l2lora_b0.2_s0.json").write_text('{"config": {"task": "sst2"}, "status": "ok"}')
+    text = main(str(tmp_path))
+    err = capsys.readouterr().err
+    assert "sst2_l2lora_b0.2_s0.json: a finished result without metric" in err
+    assert "sst2_fwlora_b0.2_s2.json: a finished result without epochs[-1].preds" in err
+    assert "sst2_lora_b0.2_s2.json: a finished result without epochs" in err
+    assert "2 seeds of `minilm`" in text  # the complete runs only
+    other = fake_run("lora", 3, 0.8, labels)
+    other["config"] |= {"lr": 1e-4, "max_train": 512}
+    (tmp_path / "sst2_lora_b0.2_s3.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match=r"cannot be pooled:\n  sst2_lora_b0.2_s3 vs sst2_lora_b0.2_s0: lr None / "
+                                         r"0.0001, max_train 100 / 512"):
+        main(str(tmp_path))

@@ -186,3 +186,19 @@ def test_slurm_bad_input(tmp_path):
     r = run_all(tmp_path / "b", "--slurm", env=env | {"METHODS": "lora"})
     assert r.returncode == 1 and "QOSMaxSubmitJobPerUserLimit" in r.stderr, r.stdout + r.stderr
     assert (tmp_path / "scancelled").read_text().split() == ["77"] and not (tmp_path / "b" / "slurm").exists()
+
+
+def test_job_scripts_quote_out_and_append_to_logs(tmp_path):
+    """Bad cases 3 and 11: an OUT with spaces works in the job scripts, and an array task appends to its run's log,
+    so a task that train.py refuses (its run finished meanwhile) never cuts the finished run's log."""
+    out = tmp_path / "an OUT with spaces"
+    r = run_all(out, "--slurm", env=fake_slurm(tmp_path, "echo 5\n") | {"METHODS": "lora"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    (script,) = (out / "slurm").glob("runs-*.sh")
+    log = out / "sst2_lora_b0.5_s0.log"
+    assert f">>'{log}' 2>&1" in script.read_text()
+    (out / "sst2_lora_b0.5_s0.json").write_text("{}")  # the run finished meanwhile (a local sweep, say)
+    log.write_text("the finished run's log\n")
+    task = subprocess.run(["bash", str(script)], cwd=ROOT, env=os.environ | {"SLURM_ARRAY_TASK_ID": "0"})
+    assert task.returncode == 1 and log.read_text().startswith("the finished run's log\n")
+    assert "already holds a finished run" in log.read_text()

@@ -129,7 +129,7 @@ def test_kill_9_of_a_run_or_of_the_sweep_loses_nothing_and_leaves_no_orphan(tmp_
 
 
 def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path):
-    tmp_path = tmp_path / "an OUT with spaces"  # quoted everywhere
+    tmp_path = tmp_path / "an OUT with spaces"  # bad case 3: quoted everywhere
     p = start(tmp_path, "--lr=1e30", "--max_grad_norm=0")  # every run's loss becomes NaN
     out = p.communicate(timeout=180)[0]
     assert p.returncode == 1 and out.count("FAILED") == 2, out  # the first failure did not stop the sweep
@@ -158,6 +158,7 @@ def settings(tmp_path, *argv, **env):
     ({}, ["--device=cuda"], "--device=cuda, but this torch"),  # in seconds, before any work
 ])
 def test_bad_sweep_input_is_refused_before_any_work(tmp_path, capsys, env, argv, message):
+    """Bad case 2 (BUDGETS="0.1 0.10": one run twice) and the unclear TIMED, --out_dir cases."""
     with pytest.raises(SystemExit) as e:
         settings(tmp_path, *argv, **env)
     assert e.value.code == 2 and message in capsys.readouterr().err
@@ -167,6 +168,7 @@ def test_bad_sweep_input_is_refused_before_any_work(tmp_path, capsys, env, argv,
 @pytest.mark.parametrize("key, value", [("JOBS", "0"), ("JOBS", "-1"), ("JOBS", "abc"), ("RUNS_PER_GPU", "0"),
                                         ("RUNS_PER_GPU", "two")])
 def test_slot_counts_must_be_positive_integers(capsys, key, value):
+    """Bad case 1: JOBS=0, -1, abc die with a message, not bash internals."""
     with pytest.raises(SystemExit) as e:
         sweep.slots({key: value}, on_gpu=key == "RUNS_PER_GPU")
     assert e.value.code == 2 and f"{key} must be a positive whole number, got {value!r}" in capsys.readouterr().err
@@ -183,6 +185,7 @@ def test_gpu_slots_map_through_the_inherited_device_list():
 
 
 def test_read_only_out_is_named_as_such(tmp_path, monkeypatch, capsys):
+    """Bad case 4: a read-only OUT is named as such, not as another sweep's lock."""
     def read_only(path, *a, **k):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
     monkeypatch.setattr(sweep, "open", read_only, raising=False)
@@ -261,6 +264,7 @@ def fake_squeue(tmp_path, monkeypatch, script):
 
 
 def test_slurm_guard_fails_closed(tmp_path, monkeypatch, capsys):
+    """Bad case 11: a controller that cannot be reached stops the sweep (SLURM_GUARD=off overrides)."""
     fake_squeue(tmp_path, monkeypatch, 'echo "slurm_load_jobs error: Unable to contact slurm controller" >&2; exit 1')
     with pytest.raises(SystemExit) as e:
         sweep.slurm_guard(str(tmp_path), {})
