@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import LoRALinear, shape_groups
+from lora import LoRALinear, add_to_grads_, shape_groups, stack_factors
 
 
 class AdaLoRALinear(LoRALinear):
@@ -63,6 +63,33 @@ def orth_regularizer(groups: list[list]) -> torch.Tensor:
                       + torch.linalg.matrix_norm(B.mT @ B - eye).sum()
         n += 2 * len(ls)
     return total / n
+
+
+EYES: dict = {}  # (r, device, dtype) -> the identity: made once, not every step
+
+
+@torch.no_grad()
+def add_orth_grad_(groups: list[list], gamma: float) -> torch.Tensor:
+    """After backward: add the gradient of γ·orth_regularizer(groups) to every A and B .grad; return its value.
+    ∇_A ‖AAᵀ - I‖_F = 2(AAᵀ - I)A / ‖AAᵀ - I‖_F and ∇_B ‖BᵀB - I‖_F = 2B(BᵀB - I) / ‖BᵀB - I‖_F (0 where the
+    norm is 0, as autograd's). Batched per shape group with one multi-tensor add per factor: no second gradient
+    sent back through a stack into each of the 2M factors."""
+    n = 2 * sum(len(ls) for ls in groups)
+    total = 0.0
+    for ls in groups:
+        A, B = stack_factors(ls)
+        key = (A.shape[1], A.device, A.dtype)
+        eye = EYES.get(key)
+        if eye is None:
+            eye = EYES[key] = torch.eye(A.shape[1], device=A.device, dtype=A.dtype)
+        P, Q = A @ A.mT - eye, B.mT @ B - eye
+        nP, nQ = torch.linalg.matrix_norm(P), torch.linalg.matrix_norm(Q)
+        total = total + nP.sum() + nQ.sum()
+        cP = torch.where(nP > 0, (2 * gamma / n) / nP, 0.0).view(-1, 1, 1)
+        cQ = torch.where(nQ > 0, (2 * gamma / n) / nQ, 0.0).view(-1, 1, 1)
+        add_to_grads_([l.lora_A for l in ls], (P * cP) @ A)
+        add_to_grads_([l.lora_B for l in ls], B @ (Q * cQ))
+    return gamma * total / n
 
 
 def check_schedule(total_steps: int, t_init: int, t_final: int, delta_t: int) -> None:
@@ -122,8 +149,12 @@ class RankAllocator:
         self.calls = 0
 
     def orth_reg(self) -> torch.Tensor:
-        """The orthogonality term R(P, Q) over this allocator's matrices (add γ·it to the loss)."""
+        """The orthogonality term R(P, Q) over this allocator's matrices, differentiable (the definition)."""
         return orth_regularizer(self.groups)
+
+    def add_orth_grad_(self, gamma: float) -> torch.Tensor:
+        """After backward: the gradient of γ·R(P, Q) added to the factors' .grad; returns γ·R(P, Q)."""
+        return add_orth_grad_(self.groups, gamma)
 
     @torch.no_grad()
     def update_ipt(self):

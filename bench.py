@@ -1,18 +1,24 @@
 """Speed, side by side: each method as a ratio to plain LoRA, in one process where the runs take turns step
 by step (machine noise hits all alike), built by train.prepare() and stepped by train.train_step().
 
-    python bench.py          # per step, every VARIANT, MiniLM: ratios, matmul rate vs peak, Fisher estimator error
+    python bench.py          # ops per step on roberta-base's structure, then per step, every VARIANT, MiniLM:
+                             # ratios, matmul rate vs peak, Fisher estimator error
+    python bench.py ops --model=random-roberta-base --device=cpu --precision=bf16 --batch_size=4  # ops alone
+    python bench.py fisher --task=cola --epochs=2 --lr=1e-3 --budget=0.5 --seeds=0,1,2 --out_dir=published/fisher
+        # the Fisher estimator against exact on real warm-ups (README, Fisher estimator)
     python bench.py gpu      # GPU acceptance (a few minutes): roberta-base's shapes, bf16, real SST-2 batches, 300
                              # steps, every method; PASS/FAIL per criterion, exit 1 on a FAIL or without CUDA
     python bench.py runs --methods=lora,fwlora,adalora --task=sst2 --max_train=8000 --epochs=1 --lr=2e-3
         # whole runs; a method may carry its own fields: --methods=lora,lora:group_by_length=false
 """
+import collections
 import dataclasses
 import itertools
 import os
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 from data import hub_reachable, synthetic
@@ -22,8 +28,9 @@ from train import Config, check_config, check_finite, evaluate, prepare, train_s
 WARM = dict(fw_warmup_steps=10**9, fw_warmup_max_frac=1.0)  # FW-LoRA's Fisher warm-up on every step
 VARIANTS = {  # per-step mode: name -> Config overrides
     "lora": dict(method="lora"),
-    "fwlora_warmup_probe16": dict(method="fwlora", **WARM),
-    "fwlora_warmup_probe8": dict(method="fwlora", fw_probes=8, **WARM),
+    "fwlora_warmup_probe16": dict(method="fwlora", fw_probes=16, **WARM),
+    "fwlora_warmup_probe32": dict(method="fwlora", fw_probes=32, **WARM),
+    "fwlora_warmup_probe64": dict(method="fwlora", fw_probes=64, **WARM),
     "fwlora_warmup_exact": dict(method="fwlora", fw_estimator="exact", **WARM),
     "fwlora_penalised": dict(method="fwlora", fw_warmup_steps=1),  # warm-up of one step: penalty on every step
     "l2lora_penalised": dict(method="l2lora", fw_warmup_steps=1),
@@ -130,6 +137,86 @@ def steps(b: Config, n_steps: int = 30, skip: int = 6, data: tuple | None = None
     return out
 
 
+NO_KERNEL = ("_unsafe_view",)  # a view whose schema does not say so; every other view op is marked is_view
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active, views left out: each is a kernel launch on a GPU (a fused or
+    multi-tensor op counts once, as it launches a few), the launch-bound cost of a small model's step."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in NO_KERNEL:
+            self.n[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops(b: Config, variants: dict = VARIANTS, warm: int = 3) -> dict:
+    """Ops per training step of every variant on `b`'s model (roberta-base's structure by default: 72 adapters),
+    counted on the CPU under bf16 autocast and with the fused AdamW, as a CUDA run steps. Counts do not depend on
+    sizes, so the batches are tiny. The step counted is the `warm`-th: AdaLoRA's variant between masks masks on
+    steps 0, 10, ...; its masking variant on every step."""
+    data, table = synthetic(8 * b.batch_size, b.batch_size, b.batch_size, seq_len=16, vocab=20000), {}
+    for v, over in variants.items():
+        run = prepare(dataclasses.replace(b, epochs=1, **over), data)
+        run.opt = torch.optim.AdamW(run.opt.param_groups[0]["params"], lr=b.lr, fused=True)  # as on CUDA
+        batches = run.epoch(0)
+        for step in range(warm):
+            train_step(run, next(batches), step)
+        with OpCounter() as c:
+            train_step(run, next(batches), warm)
+        table[v] = {"ops_per_step": sum(c.n.values()), "top": ", ".join(f"{k} {n}" for k, n in c.n.most_common(4))}
+        table[v]["vs_lora"] = f"{table[v]['ops_per_step'] / table['lora']['ops_per_step'] - 1:+.1%}"
+        del run
+    show(f"ops per step (kernel launches on a GPU), {b.model}'s structure, bf16 autocast, fused AdamW, CPU", table,
+         ("ops_per_step", "vs_lora", "top"))
+    return table
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Rank correlation (no ties in continuous statistics): Pearson's r of the ranks."""
+    ra, rb = (x.argsort().argsort().double() for x in (a, b))
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def fisher_gate(cfg: Config, seeds: list[int]) -> dict:
+    """The Fisher estimator against `exact` on real warm-ups: per seed, one FW-LoRA run (exact statistic) trains
+    its K warm-up steps while a probe proxy with the run's settings reads the same X and G (the same gradients).
+    Reports the Spearman correlation of I_m, the largest |w_m - w_m(exact)| (w = 1 - I: the penalty weights) and
+    the median relative error of F_m. The gate for a default estimator: Spearman >= 0.95, max |Δw| <= 0.02."""
+    from fisher import FisherProxy
+    table = {}
+    for seed in seeds:
+        c = dataclasses.replace(cfg, method="fwlora", fw_estimator="exact", seed=seed)
+        check_config(c)
+        run = prepare(c)
+        fw = run.method.fw
+        probe = FisherProxy(fw.layers, decay=c.fw_alpha, n_probes=c.fw_probes, seed=seed)
+        probe.start()
+        exact_update = fw.fisher.update
+        fw.fisher.update = lambda: (exact_update(), probe.update())  # the same backward feeds both
+        batches = itertools.chain.from_iterable(map(run.epoch, range(c.epochs)))
+        for step, batch in zip(range(fw.warmup_steps), tqdm(batches, total=fw.warmup_steps, disable=None)):
+            train_step(run, batch, step)
+        probe.stop()
+        F_e, F_p = fw.fisher.F, probe.F
+        I_e, I_p = F_e / F_e.sum(), F_p / F_p.sum()
+        table[f"{c.task} seed {seed}"] = {"K": fw.warmup_steps, "M": len(F_e), "spearman_I": spearman(I_p, I_e),
+                                          "max_abs_dw": float((I_p - I_e).abs().max()),
+                                          "median_rel_err_F": float(((F_p - F_e).abs() / F_e).median()),
+                                          "max_I": float(I_e.max())}
+        table[f"{c.task} seed {seed}"]["gate"] = "pass" if table[f"{c.task} seed {seed}"]["spearman_I"] >= 0.95 and \
+            table[f"{c.task} seed {seed}"]["max_abs_dw"] <= 0.02 else "FAIL"
+    show(f"{cfg.fw_estimator} estimator ({cfg.fw_probes} probes) against exact, {cfg.model}, real warm-ups", table,
+         ("K", "M", "spearman_I", "max_abs_dw", "median_rel_err_F", "max_I", "gate"))
+    write_json(os.path.join(cfg.out_dir, f"bench_fisher_{cfg.task}_{cfg.model}_{cfg.fw_estimator}{cfg.fw_probes}.json"),
+               {"config": dataclasses.asdict(cfg), "seeds": seeds, "rows": table, "environment": environment(run.device)})
+    return table
+
+
 def runs(cfgs: dict, data: tuple | None = None) -> dict:
     """Whole runs of {name: Config}, side by side; total time ratios to the first. Each run keeps its own RNG
     stream, so each ends with the standalone train.py run's loss and metric, bit for bit."""
@@ -199,7 +286,7 @@ def gpu(cfg: Config, tiny: bool = False, n_steps: int = 300) -> bool:
 
 def main(argv: list[str]) -> int:
     """bench.py's command line (the sweep's timing step calls it too). Exit 1 on an error or a failed check."""
-    mode, args = (argv[0], argv[1:]) if argv[:1] in (["runs"], ["gpu"]) else ("steps", argv)
+    mode, args = (argv[0], argv[1:]) if argv[:1] in (["runs"], ["gpu"], ["ops"], ["fisher"]) else ("steps", argv)
     methods = next((a.split("=", 1)[1] for a in args if a.startswith("--methods=")), "lora,fwlora,adalora")
     try:
         if mode == "gpu":  # roberta-base's shapes, bf16, on CUDA, unless the arguments say otherwise
@@ -207,14 +294,21 @@ def main(argv: list[str]) -> int:
                         "--precision=bf16"]
             given = {a.split("=")[0] for a in args}
             args = [a for a in defaults if a.split("=")[0] not in given] + args
-        cfg = parse_args([a for a in args if not a.startswith(("--methods=", "--tiny="))], Config, __doc__)
+        cfg = parse_args([a for a in args if not a.startswith(("--methods=", "--tiny=", "--seeds="))], Config, __doc__)
         if mode == "runs":  # "lora:group_by_length=false": a method, then fields of its own over the shared ones
             runs({m: dataclasses.replace(cfg, method=m.split(":")[0], **{k: getattr(parse_args(
                   [f"--{f}" for f in m.split(":")[1:]], Config), k) for k in (f.split("=")[0] for f in m.split(":")[1:])})
                   for m in methods.split(",")})
         elif mode == "gpu":
             return 0 if gpu(cfg, tiny="--tiny=true" in args) else 1
+        elif mode == "fisher":
+            fisher_gate(cfg, [int(x) for x in next((a.split("=", 1)[1] for a in args if a.startswith("--seeds=")),
+                                                   "0,1,2").split(",")])
+        elif mode == "ops":
+            ops(cfg)
         else:
+            ops(parse_args(["--model=random-roberta-base", "--device=cpu", "--precision=bf16", "--batch_size=4"],
+                           Config))
             steps(cfg)
     except (ValueError, RuntimeError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)

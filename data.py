@@ -124,14 +124,25 @@ class Batches:
             yield self.collate(idx)
 
 
-def make_batches(task, glue_dir, tokenizer, max_length, batch_size, max_train=0, max_eval=0, seed=0):
-    """(train Batches, dev Batches). max_train > 0 keeps a seeded random subset of the training set."""
+HELDOUT_SEED = 20231  # the held-out slice is one fixed slice, the same for every seed and method
+
+
+def make_batches(task, glue_dir, tokenizer, max_length, batch_size, max_train=0, max_eval=0, seed=0, heldout=0):
+    """(train Batches, eval Batches). max_train > 0 keeps a seeded random subset of the training set. heldout > 0
+    takes a fixed slice of that many training examples out of training and evaluates on it instead of dev (for
+    tuning: dev is the reported test set and is never looked at)."""
     data = load_glue(task, glue_dir)
     sents, labels = data["train"]
+    dev_s, dev_l = data["dev"]
+    if heldout:
+        if heldout >= len(sents):
+            raise ValueError(f"--heldout={heldout} leaves no training data ({task} has {len(sents)} examples)")
+        perm = torch.randperm(len(sents), generator=torch.Generator().manual_seed(HELDOUT_SEED)).tolist()
+        dev_s, dev_l = [sents[i] for i in perm[:heldout]], [labels[i] for i in perm[:heldout]]
+        sents, labels = [sents[i] for i in perm[heldout:]], [labels[i] for i in perm[heldout:]]
     if 0 < max_train < len(sents):
         keep = torch.randperm(len(sents), generator=torch.Generator().manual_seed(seed))[:max_train].tolist()
         sents, labels = [sents[i] for i in keep], [labels[i] for i in keep]
-    dev_s, dev_l = data["dev"]
     if 0 < max_eval < len(dev_s):  # for tests only: the reported numbers use the whole dev set
         dev_s, dev_l = dev_s[:max_eval], dev_l[:max_eval]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

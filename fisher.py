@@ -7,13 +7,15 @@
 
 Where this differs from the hypothesis's sketch code, on purpose:
   * W_m is frozen, so W_m.grad is None and the sketch's loop records nothing. ∇_W L = Gᵀ X (G: gradient
-    at the layer output, X: its input, both tokens × features); hooks capture X and G and compute
-    ‖GᵀX‖_F² exactly, or its unbiased random-probe estimate E_z ‖Xᵀ(G z)‖² with z ∈ {±1}^d_out
-    (O(tokens·(d_in+d_out)) per probe instead of O(tokens·d_in·d_out)).
+    at the layer output, X: its input, both tokens × features); hooks keep X and G, and after backward
+    ‖GᵀX‖_F² is computed per shape group, exactly or as its unbiased random-probe estimate
+    E_z ‖Xᵀ(G z)‖² with z ∈ {±1}^d_out (O(tokens·(d_in+d_out)) per probe instead of O(tokens·d_in·d_out)).
   * One backward per step (the sketch calls backward twice after warm-up: gradients double).
   * I_m exists before it is used; scores are keyed by the adapted module, not by name.split(".")[0].
   * The penalty is ‖ΔW‖_F² as the text says, via s²·tr((BᵀB)(AAᵀ)): two r × r Gram products, never the
-    d_out × d_in matrix. The sketch's ‖A‖² + ‖B‖² is kept as an option (form="factors").
+    d_out × d_in matrix. The sketch's ‖A‖² + ‖B‖² is kept as an option (form="factors"). Its gradient is
+    added to the factors' .grad by hand after the one backward (DeltaWPenalty.add_grad_; the same as autograd's,
+    tested), a few batched kernels per shape group.
 With 72 matrices I_m averages 1/72, so (1 - I_m) sits near 1. The controls that can refute the idea reuse
 the same statistic and code (penalty_weights, every variant at the same mean weight 1 - 1/M):
   * l2lora, uniform: every weight 1 - 1/M. Does the weighting matter at all at this spread?
@@ -28,9 +30,11 @@ Tests: `python -m pytest tests/test_fisher.py`.
 """
 import torch
 
-from lora import LoRALinear, freeze_base, inject, shape_groups
+from lora import LoRALinear, add_to_grads_, freeze_base, inject, shape_groups, stack_factors
 
 WEIGHTINGS = ("sum", "max", "uniform", "shuffle")  # fwlora (the hypothesis), fwmax, l2lora, fwshuffle
+WEIGHTING = {"fwlora": "sum", "l2lora": "uniform", "fwshuffle": "shuffle", "fwmax": "max"}  # the penalised methods
+LAMBDA = 1e-4  # the hypothesis's λ: train.py's default; a run at another λ carries it in its name (record.run_name)
 
 
 def warmup_length(K: int, max_frac: float, total_steps: int) -> int:
@@ -92,20 +96,19 @@ def fisher_prepass(model, rank: int, batches, autocast, *, decay: float = 0.98, 
     return dict(zip(layers, proxy.F.tolist()))
 
 
-def sq_grad_norm_exact(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """‖∇_W L‖_F² = ‖Gᵀ X‖_F² for y = x Wᵀ; x: (..., d_in), g = ∂L/∂y: (..., d_out)."""
-    x, g = x.reshape(-1, x.shape[-1]).float(), g.reshape(-1, g.shape[-1]).float()
-    return (g.t() @ x).pow(2).sum()  # the d_out × d_in product the backward of W would form
-
-
-def sq_grad_norm_probe(x: torch.Tensor, g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Unbiased estimate of ‖GᵀX‖_F² from k Rademacher probes z (d_out × k): mean_k ‖Xᵀ G z_k‖²."""
-    x, g = x.reshape(-1, x.shape[-1]).float(), g.reshape(-1, g.shape[-1]).float()
-    return (x.t() @ (g @ z)).pow(2).sum() / z.shape[1]  # (d_in × T)(T × k): O(T·k·(d_in + d_out))
+def sq_grad_norms(X: torch.Tensor, G: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+    """‖∇W_m‖_F² = ‖G_mᵀ X_m‖_F² for a stack of g matrices of one shape (y = x Wᵀ): X (g × T × d_in) the inputs,
+    G = ∂L/∂y (g × T × d_out). Exact (forms the g × d_out × d_in products the backward of W would), or with
+    Rademacher probes z (d_out × k) the unbiased estimate mean_k ‖X_mᵀ G_m z_k‖²: O(T·k·(d_in + d_out))."""
+    if z is None:
+        return (G.mT @ X).pow(2).sum((1, 2))
+    return (X.mT @ (G @ z)).pow(2).sum((1, 2)) / z.shape[1]
 
 
 class FisherProxy:
-    """EMA of ‖∇_{W_m} L‖_F² for every adapted (frozen) weight, collected by hooks during warm-up."""
+    """EMA of ‖∇_{W_m} L‖_F² for every adapted (frozen) weight. Hooks only keep each layer's input X and output
+    gradient G (references, no kernels); update() turns them into the statistic per shape group (stack, two
+    batched products, one EMA step for all M), so a warm-up step costs tens of kernels, not ten per matrix."""
 
     def __init__(self, layers: list, *, decay: float = 0.98, estimator: str = "probe", n_probes: int = 16,
                  seed: int = 0):
@@ -115,14 +118,18 @@ class FisherProxy:
             raise ValueError(f"fw_probes must be >= 1, got {n_probes}")
         self.layers, self.decay, self.estimator, self.n_probes = layers, decay, estimator, n_probes
         like = layers[0].lora_A  # fp32 master adapters (float64 in the device-move test)
-        self.F = like.new_zeros(len(layers))        # the EMA statistic
-        self.step_sq = like.new_zeros(len(layers))  # this step's ‖∇W‖², written by the hooks
+        self.F = like.new_zeros(len(layers))  # the EMA statistic
+        position = {id(l): i for i, l in enumerate(layers)}
+        self.groups = [[position[id(l)] for l in g] for g in shape_groups(layers)]
+        self.inverse = torch.argsort(torch.tensor(sum(self.groups, []))).to(like.device)  # group -> layer order
+        self.d_out = max(l.base.out_features for l in layers)
+        self.x, self.g = [None] * len(layers), [None] * len(layers)  # this step's, set by the hooks
         # Own generator: probes never touch the global RNG, so dropout masks match plain LoRA's.
         self.gen = torch.Generator(device=like.device).manual_seed(seed)
         self.handles = []
 
     def start(self):
-        """Register one forward hook per adapted layer; it hooks the output's gradient."""
+        """One forward hook per adapted layer: it keeps the input and hooks the output's gradient."""
         for i, layer in enumerate(self.layers):
             self.handles.append(layer.register_forward_hook(self._forward_hook(i)))
 
@@ -134,24 +141,31 @@ class FisherProxy:
     def _forward_hook(self, i):
         def hook(module, inputs, out):
             if out.requires_grad:  # training forward only; the base weight's own input is inputs[0]
-                x = inputs[0]
-                out.register_hook(lambda g: self._record(i, x, g))
+                self.x[i] = inputs[0]
+                out.register_hook(lambda g: self.g.__setitem__(i, g))
         return hook
 
-    def _record(self, i, x, g):
-        with torch.no_grad():
-            if self.estimator == "exact":
-                self.step_sq[i] += sq_grad_norm_exact(x, g)
-            else:
-                z = torch.randint(0, 2, (g.shape[-1], self.n_probes), generator=self.gen,
-                                  device=g.device, dtype=torch.float32).mul_(2).sub_(1)  # d_out × k, ±1
-                self.step_sq[i] += sq_grad_norm_probe(x, g, z)
+    @torch.no_grad()
+    def step_sq(self) -> torch.Tensor:
+        """(M,) this step's ‖∇W_m‖², layer order, from the kept X and G (then released). One probe matrix per
+        step serves every matrix (its first d_out rows): each estimate stays unbiased."""
+        if any(t is None for t in self.x + self.g):
+            raise RuntimeError("the Fisher hooks saw no training forward and backward of every adapted layer")
+        z = None if self.estimator == "exact" else torch.randint(
+            0, 2, (self.d_out, self.n_probes), generator=self.gen, device=self.F.device,
+            dtype=torch.float32).mul_(2).sub_(1)  # ±1
+        parts = []
+        for idx in self.groups:  # stacks of T × d tensors: the inputs and output gradients of one shape
+            X = torch.stack([self.x[i].reshape(-1, self.x[i].shape[-1]) for i in idx]).float()
+            G = torch.stack([self.g[i].reshape(-1, self.g[i].shape[-1]) for i in idx]).float()
+            parts.append(sq_grad_norms(X, G, None if z is None else z[:G.shape[-1]]))
+        self.x, self.g = [None] * len(self.layers), [None] * len(self.layers)
+        return torch.cat(parts)[self.inverse]
 
     @torch.no_grad()
     def update(self):
         """F <- α·F + (1 - α)·‖∇W‖² for all matrices at once; call after backward."""
-        self.F.lerp_(self.step_sq, 1 - self.decay)  # F + (1 - α)(s - F) = α·F + (1 - α)·s
-        self.step_sq.zero_()
+        self.F.lerp_(self.step_sq().to(self.F.dtype), 1 - self.decay)  # F + (1 - α)(s - F) = α·F + (1 - α)·s
 
 
 class DeltaWPenalty:
@@ -163,10 +177,13 @@ class DeltaWPenalty:
         position = {id(l): i for i, l in enumerate(layers)}
         order = torch.tensor([position[id(l)] for g in self.groups for l in g])
         self.inverse = torch.argsort(order).to(weights.device)  # group order -> layer order
-        self.weights_grouped = weights[order.to(weights.device)].to(layers[0].lora_A.dtype)
+        w = weights[order.to(weights.device)].to(layers[0].lora_A.dtype)
+        self.weights_grouped = w  # weights pre-permuted: no reorder on the hot path
+        self.w_by_group = list(w.split([len(g) for g in self.groups]))
+        self.coef = None  # (λ, [per-group g × 1 × 1 factors of the gradient]), made on the first add_grad_
 
     def _grouped(self) -> torch.Tensor:
-        """(M,) squared norms in group order, differentiable."""
+        """(M,) squared norms in group order, differentiable (the definition; add_grad_ is its hand gradient)."""
         parts = []
         for ls in self.groups:
             s = ls[0].scaling
@@ -183,7 +200,31 @@ class DeltaWPenalty:
         return self._grouped()[self.inverse]
 
     def __call__(self) -> torch.Tensor:
-        return self.weights_grouped @ self._grouped()  # weights pre-permuted: no reorder on the hot path
+        return self.weights_grouped @ self._grouped()
+
+    @torch.no_grad()
+    def add_grad_(self, lam: float) -> torch.Tensor:
+        """After backward: add the gradient of λ·Σ w_m ‖ΔW_m‖² to every factor's .grad; return that term's value
+        (what the loss gains). ‖s·BA‖² = s²⟨BᵀB, AAᵀ⟩, so ∇_A = 2s²w·(BᵀB)A and ∇_B = 2s²w·B(AAᵀ) (factors:
+        2w·A, 2w·B). Per shape group: two stacks, four small batched products, a dot, and one multi-tensor add
+        per factor, where autograd through the stack would send a second gradient into each of the 2M factors."""
+        if self.coef is None or self.coef[0] != lam:
+            self.coef = (lam, [w.view(-1, 1, 1) * (2 * lam * (ls[0].scaling ** 2 if self.form == "delta" else 1))
+                               for ls, w in zip(self.groups, self.w_by_group)])
+        total = 0.0
+        for ls, c in zip(self.groups, self.coef[1]):
+            A, B = stack_factors(ls)
+            if self.form == "delta":
+                BtB, AAt = B.mT @ B, A @ A.mT
+                BtBc, AAtc = BtB * c, AAt * c
+                gA, gB = BtBc @ A, B @ AAtc
+                total = total + torch.vdot(BtB.flatten(), AAtc.flatten())  # Σ_m 2λ s² w_m ⟨BᵀB, AAᵀ⟩_m
+            else:
+                gA, gB = A * c, B * c
+                total = total + (torch.vdot(gA.flatten(), A.flatten()) + torch.vdot(gB.flatten(), B.flatten()))
+            add_to_grads_([l.lora_A for l in ls], gA)
+            add_to_grads_([l.lora_B for l in ls], gB)
+        return total / 2
 
 
 class FWLoRA:
@@ -217,15 +258,16 @@ class FWLoRA:
         self.penalty_fn = DeltaWPenalty(self.layers, self.weights, self.form)
 
     def penalty(self) -> torch.Tensor:
-        """Σ_m w_m ‖ΔW_m‖_F² (the loss adds λ times this); only after end_warmup()."""
+        """Σ_m w_m ‖ΔW_m‖_F², differentiable (the definition); only after end_warmup()."""
         return self.penalty_fn()
 
+    def add_penalty_grad_(self, lam: float) -> torch.Tensor:
+        """After backward: the gradient of λ·penalty() added to the factors' .grad; returns λ·penalty()."""
+        return self.penalty_fn.add_grad_(lam)
+
     def diagnostics(self, names: list[str]) -> dict:
-        """F_m, I_m, w_m and ‖ΔW_m‖_F per matrix, plus the spread of the weights."""
-        with torch.no_grad():
-            norms = DeltaWPenalty(self.layers, torch.ones_like(self.fisher.F), "delta").sq_norms().sqrt()
-        out = {"per_matrix": {n: {"fisher": f, "delta_w_fro": d} for n, f, d in
-                              zip(names, self.fisher.F.tolist(), norms.tolist())}}
+        """F_m, I_m and w_m per matrix, plus the spread of the weights (‖ΔW_m‖_F: every method's, record.py)."""
+        out = {"per_matrix": {n: {"fisher": f} for n, f in zip(names, self.fisher.F.tolist())}}
         if not self.in_warmup:
             for n, i, w in zip(names, self.importance.tolist(), self.weights.tolist()):
                 out["per_matrix"][n].update(importance=i, weight=w)

@@ -156,6 +156,20 @@ def shape_groups(layers: list) -> list[list]:
     return list(groups.values())
 
 
+def stack_factors(layers: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of one shape group, stacked (g × r × d_in, g × d_out × r), detached: for the terms whose gradient is
+    added by hand (add_to_grads_), so that autograd never sends a second gradient back through the stack."""
+    return torch.stack([l.lora_A.detach() for l in layers]), torch.stack([l.lora_B.detach() for l in layers])
+
+
+def add_to_grads_(params: list, grads: torch.Tensor) -> None:
+    """p.grad += grads[i] for every p: one multi-tensor add, after backward (a missing .grad is created)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    torch._foreach_add_([p.grad for p in params], list(grads.unbind(0)))
+
+
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter and head tensors only: what a fine-tune adds to the pretrained model."""
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if "lora_" in n or is_head(n)}

@@ -1,6 +1,6 @@
 """One run's record: its arguments (`--field=value`), its name and files, its metrics, its clock, the JSON it
 leaves, and reading that JSON back. train.py and bench.py write through it; sweep.py and report.py read through
-it. It imports no project module above data.py and lora.py.
+it. It imports no project module above data.py, lora.py and fisher.py.
 
 A finished run is `<out_dir>/<task>_<method>_b<budget>_s<seed>.json`; `.partial.json` holds the epochs so far,
 `.error.json` a failure. Every file is written atomically (a temp file, then a rename), so a crash or a full
@@ -22,10 +22,12 @@ from contextlib import contextmanager
 import torch
 
 from data import TASKS
+from fisher import LAMBDA, WEIGHTING
 from lora import DEFAULT_TARGETS, adapter_params, save_adapters
 
-NAMES = {"lora": "LoRA", "adalora": "AdaLoRA", "fwlora": "FW-LoRA", "l2lora": "uniform L2 (control)",
-         "fwshuffle": "shuffled FW (control)", "fwmax": "max-normalised FW (control)", "fwrank": "Fisher ranks (control)"}
+NAMES = {"lora": "LoRA", "head": "head only (floor)", "adalora": "AdaLoRA", "fwlora": "FW-LoRA",
+         "l2lora": "uniform L2 (control)", "fwshuffle": "shuffled FW (control)", "fwmax": "max-normalised FW (control)",
+         "fwrank": "Fisher ranks (control)"}
 METHODS = tuple(NAMES)  # the one list of methods: train.py, the sweep and the tables take it from here
 # Config fields that cannot change a result: a finished run is reused whatever they were.
 IGNORED = ("out_dir", "log_every", "timing_skip", "save_adapters", "overwrite")
@@ -59,8 +61,12 @@ def parse_args(argv: list[str], cls, doc: str = ""):
 
 
 def run_name(cfg) -> str:
-    """The one run-name formula (train.py's files, the sweep's resume, bench.py's output)."""
-    return f"{cfg.task}_{cfg.method}_b{cfg.budget:g}_s{cfg.seed}"
+    """The one run-name formula (train.py's files, the sweep's resume, bench.py's output). A penalised method at
+    a λ other than the hypothesis's carries it (the dose-response); a tuning run (held-out train) its lr."""
+    lam = getattr(cfg, "fw_lambda", LAMBDA)
+    return (f"{cfg.task}_{cfg.method}_b{cfg.budget:g}_s{cfg.seed}"
+            + (f"_lam{lam:g}" if cfg.method in WEIGHTING and lam != LAMBDA else "")
+            + (f"_heldout{cfg.heldout}_lr{cfg.lr:g}" if getattr(cfg, "heldout", 0) else ""))
 
 
 def score(preds: torch.Tensor, labels: torch.Tensor, metric: str) -> torch.Tensor:
@@ -146,6 +152,8 @@ def summarise(run, result: dict, paths: dict) -> dict:
         "ms_per_step_mean": sum(ms) / len(ms), "examples_per_s": 1e3 * cfg.batch_size * len(ms) / sum(ms),
         "buckets_ms_total": run.clock.totals(), "steps_timed": len(ms),
         "clock": "cuda events" if run.clock.cuda else "perf_counter (CPU ops are synchronous)"}
+    with torch.no_grad():  # every adapter method's ‖ΔW_m‖_F (AdaLoRA's with E): the dose-response's shrinkage
+        result["delta_w_fro"] = {n: l.delta_weight().norm().item() for n, l in layers.items()}
     if fw:
         K, skip = fw.warmup_steps, cfg.timing_skip
         warm_ms, late_ms = all_ms[skip:K], all_ms[K:]

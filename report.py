@@ -19,9 +19,12 @@ from types import SimpleNamespace
 
 import torch
 
+from data import TASKS
+from fisher import LAMBDA, WEIGHTING
 from record import IGNORED, METHODS, NAMES, read_result, run_name, score, train_ms, write_file
 
 MATRICES = ("query", "key", "value", "attn.out", "ffn.in", "ffn.out")
+TASK_METRIC = {t: m for t, (_, m) in TASKS.items()}
 
 
 def load(folder: str) -> tuple[list[dict], list[str]]:
@@ -44,7 +47,7 @@ def check_pooling(runs: list[dict]) -> None:
     first, clash = {}, []
     for r in runs:
         c = r["config"]
-        key = (c["task"], c["budget"], c["method"])
+        key = run_name(SimpleNamespace(**(c | {"seed": "*"})))  # the cell and method, and λ or lr where named
         ref = first.setdefault(key, c)
         diff = sorted(k for k in set(c) | set(ref) if k not in IGNORED + ("seed",) and c.get(k) != ref.get(k))
         if diff:
@@ -86,20 +89,35 @@ def paired_bootstrap(a: list[dict], b: list[dict], n_boot: int = 2000, seed: int
     return point, diffs.quantile(0.025).item(), diffs.quantile(0.975).item()
 
 
-COMPARISONS = [(m, "lora") for m in METHODS if m != "lora"] + [("fwlora", m) for m in METHODS
-                                                              if m not in ("lora", "fwlora")]
+# Student's t, 97.5% quantile, df = 1 … 30 (standard tables; tests check it against scipy where installed).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_interval(d: list[float]) -> tuple[float, float, float, int, int]:
+    """(mean, low, high, n, how many > 0) of per-seed values d: the 95% t-interval, df = n - 1 (beyond 30: the
+    df = 30 quantile, slightly wide). A paired interval when d are per-seed differences a_s - b_s."""
+    n, m = len(d), statistics.mean(d)
+    half = T975[min(n - 1, 30) - 1] * statistics.stdev(d) / n ** 0.5 if n > 1 else float("nan")
+    return m, m - half, m + half, n, sum(x > 0 for x in d)
+
+
+COMPARISONS = [("lora", "head")] + [(m, "lora") for m in METHODS if m not in ("lora", "head")] + \
+    [("fwlora", m) for m in METHODS if m not in ("lora", "fwlora", "head")]
 
 
 def comparisons(cells: dict) -> dict:
-    """{(a, b): {cell: (difference, low, high, n seeds)}} for every method against LoRA and FW-LoRA against
-    AdaLoRA and each control, over the seeds both have."""
+    """{(a, b): {cell: {"t": paired t over seeds, "boot": paired bootstrap}}} for the pairs in COMPARISONS (the
+    adapters' gain over the head, every method against LoRA, FW-LoRA against AdaLoRA and each control), over the
+    seeds both have."""
     out = defaultdict(dict)
     for cell, methods in cells.items():
         for a, b in COMPARISONS:
             seeds = sorted(set(methods.get(a, {})) & set(methods.get(b, {})))
             if seeds:
-                out[(a, b)][cell] = (*paired_bootstrap([methods[a][s] for s in seeds],
-                                                       [methods[b][s] for s in seeds]), len(seeds))
+                ra, rb = [methods[a][s] for s in seeds], [methods[b][s] for s in seeds]
+                out[(a, b)][cell] = {"t": t_interval([x["final"] - y["final"] for x, y in zip(ra, rb)]),
+                                     "boot": paired_bootstrap(ra, rb)}
     return out
 
 
@@ -115,14 +133,24 @@ def bench_ratios(folder: str) -> dict:
     for path in sorted(glob.glob(os.path.join(folder, "bench_runs_*.json"))):
         b = json.load(open(path))
         base = train_ms(b["runs"]["lora"]["buckets_ms_total"])
-        out[next(iter(b["configs"].values()))["task"]] = {m: train_ms(row["buckets_ms_total"]) / base
-                                                          for m, row in b["runs"].items()}
+        out[next(iter(b["configs"].values()))["task"]] = {m.split(":")[0]: train_ms(row["buckets_ms_total"]) / base
+                                                          for m, row in b["runs"].items()}  # "adalora:lr=…": its own
     return out
 
 
-def fmt_diff(d: float, lo: float, hi: float, n: int) -> str:
-    bold = "**" if lo > 0 or hi < 0 else ""
-    return f"{bold}{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{bold}"
+def excludes_zero(lo: float, hi: float) -> bool:
+    return lo > 0 or hi < 0
+
+
+def fmt_diff(d: float, lo: float, hi: float, n: int | None = None, pos: int | None = None) -> str:
+    """×100, bold when the interval excludes 0; with n: how many seeds' differences are positive."""
+    bold = "**" if excludes_zero(lo, hi) else ""
+    return f"{bold}{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{bold}" + (f" ({pos}/{n} > 0)" if n else "")
+
+
+def pair_name(a: str, b: str) -> str:
+    short = lambda m: NAMES[m].split(" (")[0]
+    return "adapters' gain: LoRA − head" if (a, b) == ("lora", "head") else f"{short(a)} − {short(b)}"
 
 
 def tables(runs: list[dict], folder: str) -> tuple[str, dict]:
@@ -143,13 +171,23 @@ def tables(runs: list[dict], folder: str) -> tuple[str, dict]:
             vals.append(f"{statistics.mean(fin):.1f}{sd} ({len(fin)}); best {statistics.mean(best):.1f}"
                         + (f"; **{deg} degenerate**" if deg else ""))
         out.append(f"| {NAMES[m]} | " + " | ".join(vals) + " |")
+    lrs = {m: "/".join(sorted({f"{r['config']['lr']:g}" for c in cells.values() for r in c.get(m, {}).values()}))
+           for m in rows}
+    out += ["", "Learning rates: " + ", ".join(f"{NAMES[m].split(' (')[0]} {lr}" for m, lr in lrs.items()) + "."]
     comp = comparisons(cells)
-    out += ["", "Paired differences ×100 (a − b), mean over seeds, with a 95% interval from a paired bootstrap over "
-            "seeds × dev examples (2,000 draws); **bold**: the interval excludes 0:", "",
+    out += ["", "Paired differences ×100 (a − b): the mean over seeds of the per-seed difference, its 95% paired "
+            "t-interval over seeds (df = n − 1), and how many seeds' differences are positive; **bold**: the "
+            "interval excludes 0:", "", head.replace("| method |", "| a − b |")]
+    for (a, b), per_cell in comp.items():
+        out.append(f"| {pair_name(a, b)} | " + " | ".join(fmt_diff(*per_cell[c]["t"]) if c in per_cell else "-"
+                                                         for c in cells) + " |")
+    out += ["", "Secondary: the same differences with a 95% paired bootstrap interval over seeds × dev examples "
+            "(2,000 draws). With few seeds it is too narrow: each seed resample is likely, so it covers about "
+            "[min, max] of the per-seed differences. The verdict uses the t-intervals.", "",
             head.replace("| method |", "| a − b |")]
     for (a, b), per_cell in comp.items():
-        vals = [fmt_diff(*per_cell[c]) if c in per_cell else "-" for c in cells]
-        out.append(f"| {NAMES[a].split(' (')[0]} − {NAMES[b].split(' (')[0]} | " + " | ".join(vals) + " |")
+        out.append(f"| {pair_name(a, b)} | " + " | ".join(fmt_diff(*per_cell[c]["boot"]) if c in per_cell else "-"
+                                                         for c in cells) + " |")
     out += ["", "Achieved adapter parameters, % of the base model (nominal budget in the column):", "", head]
     for m in rows:
         out.append(f"| {NAMES[m]} | " + " | ".join(f"{statistics.mean(r['budget']['adapter_pct'] for r in c[m].values()):.3f}%"
@@ -174,17 +212,18 @@ def tables(runs: list[dict], folder: str) -> tuple[str, dict]:
 def verdict(comp: dict, runs: list[dict], ratios: dict) -> str:
     """The questions the table exists for, each answered from its paired intervals, cell by cell."""
     def answer(a, b):
-        per = comp.get((a, b), {})
+        per = {c: v["t"] for c, v in comp.get((a, b), {}).items()}
         if not per:
             return "not run"
-        parts = [f"{cell_name(*c)}: {fmt_diff(*t).strip('*')} "
+        parts = [f"{cell_name(*c)}: {fmt_diff(*t).replace('**', '')} "
                  f"({'higher' if t[1] > 0 else 'lower' if t[2] < 0 else 'no difference resolved'})"
                  for c, t in per.items()]
-        wins, losses = sum(lo > 0 for _, lo, _, _ in per.values()), sum(hi < 0 for _, _, hi, _ in per.values())
+        wins, losses = sum(t[1] > 0 for t in per.values()), sum(t[2] < 0 for t in per.values())
         return (f"higher in {wins}, lower in {losses}, unresolved in {len(per) - wins - losses} of {len(per)} "
                 f"cells. " + "; ".join(parts))
     n, c = len({r["config"]["seed"] for r in runs}), runs[0]["config"]
-    lines = ["Verdict (written by report.py from the intervals above):", "",
+    lines = ["Verdict (written by report.py from the paired t-intervals above):", "",
+             f"- Do the adapters beat the head alone (the floor)? {answer('lora', 'head')}",
              f"- Does FW-LoRA beat LoRA? {answer('fwlora', 'lora')}",
              f"- Does FW-LoRA match AdaLoRA? {answer('fwlora', 'adalora')}",
              f"- Does FW-LoRA beat the uniform-L2 control (same penalty, equal weights)? {answer('fwlora', 'l2lora')}",
@@ -203,6 +242,110 @@ def verdict(comp: dict, runs: list[dict], ratios: dict) -> str:
               "an interval that excludes 0 is evidence for this model, data size and schedule only, not for "
               "roberta-base at the paper setting."]
     return "\n".join(lines)
+
+
+DOSE = ("fwlora", "l2lora", "fwmax")  # the dose-response's methods: the hypothesis, its uniform and sharper controls
+
+
+def dose_cells(runs: list[dict]) -> dict:
+    """{(task, budget): {λ: {method: {seed: run}}}} of the DOSE methods, and LoRA's runs under λ = 0 (no penalty),
+    where more than one λ was run."""
+    cells = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    for r in runs:
+        c = r["config"]
+        if c["method"] in DOSE + ("lora",) and "delta_w_fro" in r:
+            cells[(c["task"], c["budget"])][0.0 if c["method"] == "lora" else c["fw_lambda"]][c["method"]][c["seed"]] = r
+    return {k: dict(sorted(v.items())) for k, v in sorted(cells.items(), key=lambda kv: (kv[0][0] != "sst2", kv[0][1]))
+            if len([lam for lam in v if lam > 0]) > 1}
+
+
+def delta_w_norm(r: dict) -> float:
+    """‖ΔW‖_F of the whole adapter: √(Σ_m ‖ΔW_m‖_F²)."""
+    return sum(v * v for v in r["delta_w_fro"].values()) ** 0.5
+
+
+def dose_response(cells: dict) -> str:
+    """Per cell and λ: each DOSE method's metric, its ‖ΔW‖ against LoRA's of the same seed, the paired FW − L2 and
+    fwmax − L2 t-intervals, and FW-LoRA's measured weight spread beside its bound max_m |w_m − w̄| <= max_m I_m
+    (w_m = 1 − I_m and w̄ = 1 − 1/M, so |w_m − w̄| = |I_m − 1/M| <= max I_m)."""
+    out = ["## Dose-response in λ", "", "Dev metric ×100 (mean ± std, n seeds); ‖ΔW‖ as a fraction of LoRA's on the "
+           "same seed (mean; 1 = no shrinkage); paired differences ×100 with 95% t-intervals over seeds "
+           "(**bold**: excludes 0); FW-LoRA's largest |w_m − w̄| over seeds against its bound, the largest I_m."]
+    for (task, budget), by_lam in cells.items():
+        lora = by_lam.get(0.0, {}).get("lora", {})
+        out += ["", f"**{cell_name(task, budget)}**" + (f" (LoRA: {100 * statistics.mean(r['final'] for r in lora.values()):.1f}, "
+                                                        f"n = {len(lora)})" if lora else ""), "",
+                "| λ | " + " | ".join(NAMES[m].split(" (")[0] for m in DOSE) + " | FW − L2 | fwmax − L2 | ‖ΔW‖ ÷ LoRA's "
+                "(FW / L2 / fwmax) | max\|w − w̄\| ≤ max I_m |", "|---" * 7 + "|"]
+        for lam, ms in ((lam, ms) for lam, ms in by_lam.items() if lam > 0):
+            def metric(m):
+                f = [100 * r["final"] for r in ms.get(m, {}).values()]
+                return f"{statistics.mean(f):.1f} ± {statistics.stdev(f):.1f} ({len(f)})" if len(f) > 1 else \
+                    (f"{f[0]:.1f} (1)" if f else "-")
+
+            def paired(a, b):
+                seeds = sorted(set(ms.get(a, {})) & set(ms.get(b, {})))
+                return fmt_diff(*t_interval([ms[a][s]["final"] - ms[b][s]["final"] for s in seeds])) \
+                    if len(seeds) > 1 else "-"
+
+            def shrink(m):
+                seeds = sorted(set(ms.get(m, {})) & set(lora))
+                return f"{statistics.mean(delta_w_norm(ms[m][s]) / delta_w_norm(lora[s]) for s in seeds):.2f}" \
+                    if seeds else "-"
+            fw = list(ms.get("fwlora", {}).values())
+            spread = (f"{max(max(r['fw']['weight_max'] - (1 - 1 / r['budget']['n_matrices']), (1 - 1 / r['budget']['n_matrices']) - r['fw']['weight_min']) for r in fw):.4f} ≤ "
+                      f"{max(r['fw']['importance_max'] for r in fw):.4f}") if fw else "-"
+            out.append(f"| {lam:g} | " + " | ".join(metric(m) for m in DOSE) + f" | {paired('fwlora', 'l2lora')} | "
+                       f"{paired('fwmax', 'l2lora')} | {' / '.join(shrink(m) for m in DOSE)} | {spread} |")
+    return "\n".join(out)
+
+
+def dose_figure(cells: dict, path: str) -> None:
+    """Per cell: the metric and ‖ΔW‖ ÷ LoRA's against λ for the DOSE methods, with 95% t-intervals over seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(cells), 2, figsize=(11, 3.4 * len(cells)), squeeze=False)
+    for row, ((task, budget), by_lam) in zip(axes, cells.items()):
+        lora = by_lam.get(0.0, {}).get("lora", {})
+        for ax, (what, value) in zip(row, (("dev metric ×100", lambda r, s: 100 * r["final"]),
+                                           ("‖ΔW‖ ÷ LoRA's (same seed)", lambda r, s: delta_w_norm(r) / delta_w_norm(lora[s])))):
+            for k, m in enumerate(DOSE):
+                pts = [(lam, t_interval([value(r, s) for s, r in ms[m].items() if s in lora or "‖" not in what]))
+                       for lam, ms in by_lam.items() if lam > 0 and len(ms.get(m, {})) > 1]
+                if pts:
+                    x = [lam * (1 + 0.08 * (k - 1)) for lam, _ in pts]  # side by side, not on top of each other
+                    ax.errorbar(x, [t[0] for _, t in pts], yerr=[[t[0] - t[1] for _, t in pts], [t[2] - t[0] for _, t in pts]],
+                                marker="o", capsize=3, label=NAMES[m].split(" (")[0])
+            if what.startswith("dev") and lora:
+                ax.axhline(100 * statistics.mean(r["final"] for r in lora.values()), color="grey", ls="--", label="LoRA")
+            ax.set_xscale("log")
+            ax.set_xlabel("λ")
+            ax.set_title(f"{cell_name(task, budget)}: {what}", fontsize=9)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    write_file(path, lambda f: fig.savefig(f, dpi=110, format="png"), "wb")
+    plt.close(fig)
+
+
+def tuning(runs: list[dict]) -> str:
+    """The held-out-train tuning: per task, each method's held-out metric at each lr, and the lr it gets."""
+    grid = defaultdict(lambda: defaultdict(dict))
+    for r in runs:
+        c = r["config"]
+        grid[c["task"]][c["method"]][c["lr"]] = r
+    out = [f"## Learning-rate tuning on {runs[0]['config']['heldout']:,} held-out training examples (dev unread)"]
+    for task, methods in sorted(grid.items(), key=lambda kv: kv[0] != "sst2"):
+        lrs = sorted({lr for m in methods.values() for lr in m})
+        out += ["", f"**{task}** ({TASK_METRIC[task]} ×100 on the held-out slice, seed "
+                    f"{'/'.join(sorted({str(r['config']['seed']) for m in methods.values() for r in m.values()}))}):",
+                "", "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |", "|---" * (len(lrs) + 2) + "|"]
+        for m, by_lr in methods.items():
+            best = max(by_lr, key=lambda lr: by_lr[lr]["final"])
+            out.append(f"| {NAMES[m]} | " + " | ".join(
+                (f"**{100 * by_lr[lr]['final']:.1f}**" if lr == best else f"{100 * by_lr[lr]['final']:.1f}")
+                if lr in by_lr else "-" for lr in lrs) + f" | {best:g} |")
+    return "\n".join(out)
 
 
 def matrix_grid(names_values: dict) -> tuple[list[list[float]], int]:
@@ -271,16 +414,31 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def main(folder: str) -> str:
-    runs, failed = load(folder)
-    if not runs:
+    all_runs, failed = load(folder)
+    if not all_runs:
         sys.exit(f"no finished runs in {folder}" + (f" (failed: {', '.join(failed)})" if failed else ""))
-    check_pooling(runs)
+    check_pooling(all_runs)
+    held = [r for r in all_runs if r["config"].get("heldout", 0)]
+    if held and len(held) < len(all_runs):
+        sys.exit(f"error: {folder} mixes tuning runs (held-out train) with dev runs: keep them in separate folders")
+    # The main table: every method at the hypothesis's λ; the other λ feed the dose-response only.
+    runs = [r for r in all_runs if r["config"]["method"] not in WEIGHTING or r["config"].get("fw_lambda", LAMBDA) == LAMBDA]
     c, env = runs[0]["config"], runs[0]["environment"]
+    head = (f"# Results: {folder}\n\nModel `{c['model']}`, {len(all_runs)} finished runs, device "
+            f"{env.get('device', '?')} ({env.get('device_name', '?')}, {env.get('threads', '?')} threads per run), "
+            f"data: {data_source(all_runs)}.")
+    if held:
+        text = head + "\n\n" + tuning(held)
+        write_file(os.path.join(folder, "table.md"), lambda f: f.write(text + "\n"))
+        print(text)
+        return text
     table, comp = tables(runs, folder)
-    text = (f"# Results: {folder}\n\nModel `{c['model']}`, {len(runs)} finished runs, device {env.get('device', '?')} "
-            f"({env.get('device_name', '?')}, {env.get('threads', '?')} threads per run), data: {data_source(runs)}."
-            f"\n\n{table}\n\n"
-            + verdict(comp, runs, bench_ratios(folder)))
+    text = head + f"\n\n{table}\n\n" + verdict(comp, runs, bench_ratios(folder))
+    dose = dose_cells(all_runs)
+    if dose:
+        text += "\n\n" + dose_response(dose)
+        dose_figure(dose, os.path.join(folder, "dose.png"))
+        text += "\n\n![metric and ‖ΔW‖ against λ](dose.png)"
     if failed:
         text += "\n\nRuns with no finished result (see their .error.json and .log): " + ", ".join(failed)
     if figure(runs, os.path.join(folder, "figure.png")):

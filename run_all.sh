@@ -2,7 +2,9 @@
 # Reproduce the comparison table: tasks × budgets × seeds × methods, one train.py run each, then report.py.
 #
 #   bash run_all.sh                  # paper profile if a GPU and roberta-base are at hand, else the CPU profile
-#   bash run_all.sh cpu              # offline: MiniLM, the GLUE copy in ./glue, capped data
+#   bash run_all.sh cpu              # offline: MiniLM, the GLUE copy in ./glue, capped data (the main table)
+#   bash run_all.sh dose             # FW-LoRA, uniform L2 and fwmax at λ = 1e-3 and 1e-2, beside it
+#   bash run_all.sh tune             # the lr grid on held-out train (seed 0) that chose the cpu profile's lrs
 #   bash run_all.sh paper --lr=3e-4  # any train.py Config field overrides the profile for the whole sweep
 #   bash run_all.sh smoke            # tiny random model, a minute: checks the plumbing (tests use it)
 #   bash run_all.sh paper --slurm    # or SLURM=1: the same runs as one SLURM job array, then a report job
@@ -10,7 +12,8 @@
 # This file is the profiles, each value with its reason: edit them here. sweep.py does the rest (README, "The
 # sweep"): it checks everything before any work, resumes (a run whose finished result in OUT has exactly its
 # config is skipped), runs JOBS runs at once, times the methods side by side, and writes the report.
-# Environment: TASKS, BUDGETS, SEEDS, METHODS narrow the sweep; OUT moves it; JOBS runs that many at once on
+# Environment: TASKS, BUDGETS, SEEDS, METHODS, LAMBDAS (the penalised methods' λ), LRS narrow or widen the
+# sweep; <TASK>_<METHOD>_ARGS give one method its own values (SST2_ADALORA_ARGS="--lr=5e-3"); OUT moves it; JOBS runs that many at once on
 # CPU (each gets its share of the cores); RUNS_PER_GPU runs that many on each GPU; TIMED lists the methods
 # timed side by side at the end (empty: none); PYTHON picks the interpreter. On SLURM, sbatch's own
 # SBATCH_PARTITION, SBATCH_ACCOUNT and SBATCH_TIMELIMIT apply to every job; SBATCH_ARGS adds options.
@@ -43,20 +46,36 @@ case "$PROFILE" in
     MODEL=roberta-base; DEF_SEEDS="0 1 2"; DEF_BUDGETS="0.1 0.2 0.5"
     SST2_ARGS="--device=cuda"; COLA_ARGS="--device=cuda"; DEF_TIMED=lora,fwlora,adalora,fwrank
     SLURM_RUN="--gres=gpu:1 --cpus-per-task=4 --mem=32G"; SLURM_END=$SLURM_RUN ;;
-  cpu)    # MiniLM on 2 CPU cores, sized to rank the methods in an hour (README: how it was chosen). One budget,
-          # 0.5% (rank 3): CoLA at rank 1 stayed below MCC 0.2.
-    MODEL=minilm; DEF_SEEDS="0 1 2"; DEF_BUDGETS="0.5"
-    SST2_ARGS="--max_train=6000 --epochs=1 --lr=2e-3"
-    COLA_ARGS="--epochs=2 --lr=1e-3"; DEF_TIMED=lora,fwlora,adalora,fwrank
+  cpu|dose|tune)  # MiniLM on 2 CPU cores, sized to rank the methods in about an hour (README: how it was chosen).
+          # One budget, 0.5% (rank 3): CoLA at rank 1 stayed below MCC 0.2. The lrs come from `tune` (held-out
+          # train, never dev; published/tune/table.md): LoRA's for every method but AdaLoRA, which has its own.
+    MODEL=minilm; DEF_BUDGETS="0.5"
+    SST2_ARGS="--max_train=6000 --epochs=1 --lr=2e-3"; SST2_ADALORA_ARGS="--lr=5e-3"
+    COLA_ARGS="--epochs=2 --lr=1e-3"; COLA_ADALORA_ARGS="--lr=5e-3"
     # On SLURM: one thread per run, as here; a run's peak memory here was 1.1-1.4 GB (published/cpu/*.json).
-    SLURM_RUN="--cpus-per-task=1 --mem=4G"; SLURM_END="--cpus-per-task=2 --mem=8G" ;;
+    SLURM_RUN="--cpus-per-task=1 --mem=4G"; SLURM_END="--cpus-per-task=2 --mem=8G"
+    case "$PROFILE" in
+      cpu)   # the main table: the floor, LoRA, AdaLoRA, FW-LoRA and its controls at λ = 1e-4, 5 seeds
+        DEF_SEEDS="0 1 2 3 4"; DEF_METHODS="lora head adalora fwlora l2lora fwmax fwrank"
+        DEF_TIMED=lora,fwlora,adalora,fwrank ;;
+      dose)  # λ from mild to strong beside the main table's 1e-4 (same folder, so one report holds both)
+        DEF_SEEDS="0 1 2"; DEF_METHODS="fwlora l2lora fwmax"; DEF_LAMBDAS="1e-3 1e-2"; DEF_OUT=results/cpu
+        DEF_TIMED="" ;;
+      tune)  # one grid for every method with an lr of its own, seed 0, scored on 1,000 held-out training examples
+        SST2_ARGS="--max_train=6000 --epochs=1 --heldout=1000"; COLA_ARGS="--epochs=2 --heldout=1000"
+        SST2_ADALORA_ARGS=""; COLA_ADALORA_ARGS=""
+        DEF_SEEDS="0"; DEF_METHODS="lora adalora"; DEF_LRS="1e-3 2e-3 5e-3"; DEF_TIMED="" ;;
+    esac ;;
   smoke)  # a tiny random BERT: numbers mean nothing, the plumbing is exercised end to end
     MODEL=tiny-bert; DEF_SEEDS="0"; DEF_BUDGETS="0.5"
     SST2_ARGS="--max_train=128 --max_eval=64 --epochs=2 --lr=2e-3"
     COLA_ARGS="--max_train=128 --max_eval=64 --epochs=2 --lr=2e-3"; DEF_TIMED=""
     SLURM_RUN="--cpus-per-task=1 --mem=2G"; SLURM_END=$SLURM_RUN ;;
-  *) echo "unknown profile '$PROFILE': use paper, cpu, smoke or nothing (auto)" >&2; exit 2 ;;
+  *) echo "unknown profile '$PROFILE': use paper, cpu, dose, tune, smoke or nothing (auto)" >&2; exit 2 ;;
 esac
 
-export PROFILE MODEL DEF_SEEDS DEF_BUDGETS SST2_ARGS COLA_ARGS DEF_TIMED SLURM_RUN SLURM_END
+DEF_METHODS=${DEF_METHODS-}; DEF_LAMBDAS=${DEF_LAMBDAS-}; DEF_LRS=${DEF_LRS-}; DEF_OUT=${DEF_OUT-}
+SST2_ADALORA_ARGS=${SST2_ADALORA_ARGS-}; COLA_ADALORA_ARGS=${COLA_ADALORA_ARGS-}
+export PROFILE MODEL DEF_SEEDS DEF_BUDGETS DEF_METHODS DEF_LAMBDAS DEF_LRS DEF_OUT SST2_ARGS COLA_ARGS \
+  SST2_ADALORA_ARGS COLA_ADALORA_ARGS DEF_TIMED SLURM_RUN SLURM_END
 exec "$PY" sweep.py "$@"

@@ -15,6 +15,7 @@ import ctypes
 import dataclasses
 import fcntl
 import importlib
+import itertools
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
@@ -30,6 +31,7 @@ import torch
 
 from data import RANDOM_MODELS, TASKS, load_glue, load_model
 from lora import count_base_params, rank_for_budget, target_names
+from fisher import WEIGHTING
 from record import IGNORED, METHODS, parse_args, read_result, run_name, write_json
 from train import Config, check_config
 
@@ -40,6 +42,11 @@ def fail(msg: str, code: int = 2):
     """Refuse, before any work, saying what to do."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
+
+
+def axis(env: dict, key: str, default: str = "") -> list[str]:
+    """A sweep axis: the user's KEY, else the profile's DEF_KEY, else `default`; [""] means "not swept"."""
+    return (env.get(key) or env.get("DEF_" + key) or default).split() or [""]
 
 
 def positive(env: dict, key: str, default: int) -> int:
@@ -55,6 +62,7 @@ class Sweep:
     timed: list      # methods timed side by side at the end
     task_args: dict  # task -> the arguments its runs share (profile, then the user's overrides)
     slurm: bool
+    method_args: dict = dataclasses.field(default_factory=dict)  # (task, method) -> its own values (tuned lr)
 
 
 def settings(argv: list[str], env: dict) -> Sweep:
@@ -73,38 +81,50 @@ def settings(argv: list[str], env: dict) -> Sweep:
         parse_args(overrides, Config)  # each is a Config field with a value of its type
     except SystemExit as e:
         fail(str(e))
-    tasks, methods = (env.get("TASKS") or "sst2 cola").split(), (env.get("METHODS") or "all").split()
+    tasks, methods = (env.get("TASKS") or "sst2 cola").split(), (env.get("METHODS") or env.get("DEF_METHODS") or
+                                                                 "all").split()
     methods = list(METHODS) if methods == ["all"] else methods
     timed = env.get("TIMED", env.get("DEF_TIMED", "")).replace(",", " ").split()
     for what, names, known in (("TASKS", tasks, TASKS), ("METHODS", methods, METHODS), ("TIMED", timed, METHODS)):
         bad = [n for n in names if n not in known]
         if bad or not names and what != "TIMED":
             fail(f"{what}: unknown {', '.join(map(repr, bad)) or 'empty list'}; choose from {', '.join(known)}")
-    out = env.get("OUT") or os.path.join("results", env.get("PROFILE", "cpu"))
+    out = env.get("OUT") or env.get("DEF_OUT") or os.path.join("results", env.get("PROFILE", "cpu"))
     try:
         os.makedirs(out, exist_ok=True)
         open(os.path.join(out, f".write-check{os.getpid()}"), "w").close()
         os.remove(os.path.join(out, f".write-check{os.getpid()}"))
     except OSError as e:
         fail(f"OUT={out} is read-only or not writable here ({e.strerror}): choose another OUT")
-    given, task_args, runs = {a.split("=")[0] for a in overrides}, {}, {}
+    given, task_args, runs, method_args = {a.split("=")[0] for a in overrides}, {}, {}, {}
+    for key, flag in (("LRS", "--lr"), ("LAMBDAS", "--fw_lambda")):
+        if env.get(key) and flag in given:
+            fail(f"{key} and {flag} are both given: use one of them")
     for task in tasks:
         profile = f"--model={env.get('MODEL', 'minilm')} {env.get(task.upper() + '_ARGS', '')}".split()
         task_args[task] = [a for a in profile if a.split("=")[0] not in given] + overrides + [f"--task={task}"]
-        for budget in (env.get("BUDGETS") or env.get("DEF_BUDGETS", "0.2")).split():
-            for seed in (env.get("SEEDS") or env.get("DEF_SEEDS", "0")).split():
-                for m in methods:
-                    args = task_args[task] + [f"--out_dir={out}", f"--method={m}", f"--budget={budget}", f"--seed={seed}"]
+        for budget, seed, lr, m in itertools.product(axis(env, "BUDGETS", "0.2"), axis(env, "SEEDS", "0"),
+                                                     axis(env, "LRS"), methods):
+            for lam in axis(env, "LAMBDAS") if m in WEIGHTING else [""]:  # λ: the penalised methods' axis
+                # A method's own (tuned) values; the user's overrides and the swept axes win over them.
+                own = method_args[(task, m)] = [a for a in env.get(f"{task.upper()}_{m.upper()}_ARGS", "").split()
+                                                if a.split("=")[0] not in given]
+                swept = {k for k, v in (("--lr", lr), ("--fw_lambda", lam)) if v}
+                own = [a for a in own if a.split("=")[0] not in swept]
+                drop = swept | {a.split("=")[0] for a in own}
+                args = [a for a in task_args[task] if a.split("=")[0] not in drop] + own \
+                    + [f"--lr={lr}"] * bool(lr) + [f"--fw_lambda={lam}"] * bool(lam) \
+                    + [f"--out_dir={out}", f"--method={m}", f"--budget={budget}", f"--seed={seed}"]
+                try:
                     cfg = parse_args(args, Config)
-                    try:
-                        check_config(cfg)
-                    except (ValueError, FileNotFoundError) as e:
-                        fail(str(e))
-                    if run_name(cfg) in runs:  # e.g. BUDGETS="0.1 0.10": one run, written twice at once
-                        fail(f"{' '.join(runs[run_name(cfg)][-2:])} and {' '.join(args[-2:])} are the same run "
-                             f"{run_name(cfg)}: list each budget and seed once")
-                    runs[run_name(cfg)] = args
-    return Sweep(env.get("PROFILE", ""), out, list(runs.items()), timed, task_args, slurm)
+                    check_config(cfg)
+                except (SystemExit, ValueError, FileNotFoundError) as e:
+                    fail(f"{' '.join(args)}: {e}")
+                if run_name(cfg) in runs:  # e.g. BUDGETS="0.1 0.10": one run, written twice at once
+                    fail(f"{' '.join(runs[run_name(cfg)][-2:])} and {' '.join(args[-2:])} are the same run "
+                         f"{run_name(cfg)}: list each value once")
+                runs[run_name(cfg)] = args
+    return Sweep(env.get("PROFILE", ""), out, list(runs.items()), timed, task_args, slurm, method_args)
 
 
 def plan(s: Sweep) -> list[tuple[str, str, list]]:
@@ -196,6 +216,7 @@ def timing(s: Sweep) -> list[tuple[str, list]]:
             print(f"skip side-by-side timing of {task} (done)")
             continue
         order = s.timed[i % len(s.timed):] + s.timed[:i % len(s.timed)]
+        order = [m + "".join(f":{a[2:]}" for a in s.method_args.get((task, m), [])) for m in order]  # adalora:lr=…
         todo.append((task, ["runs", f"--methods={','.join(order)}", *s.task_args[task], f"--out_dir={s.out}",
                             *s.runs[0][1][-2:]]))
     return todo

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from adalora import AdaLoRALinear, RankAllocator, ada_initial_rank, check_schedule
 from data import Batches, check_task, load_model, make_batches
-from fisher import FWLoRA, allocate_ranks, fisher_prepass, warmup_length
+from fisher import LAMBDA, WEIGHTING, FWLoRA, allocate_ranks, fisher_prepass, warmup_length
 from lora import (LoRALinear, adapter_params, count_base_params, freeze_base, inject, rank_for_budget,
                   target_names)
 from record import (METHODS, Clock, environment, metrics, parse_args, result_paths, run_name, summarise,
@@ -36,7 +36,7 @@ from record import (METHODS, Clock, environment, metrics, parse_args, result_pat
 class Config:
     # what to run
     task: str = "sst2"            # sst2 (accuracy) | cola (Matthews corr.): the hypothesis's two tasks
-    method: str = "lora"          # lora | adalora | fwlora | the controls l2lora, fwshuffle, fwmax, fwrank (fisher.py)
+    method: str = "lora"          # lora | adalora | fwlora | the controls l2lora, fwshuffle, fwmax, fwrank (fisher.py) | head (the floor: no adapters)
     model: str = "minilm"         # minilm (offline, PyPI) | roberta-base (hub) | a local folder | random-roberta-base | tiny-bert
     budget: float = 0.2           # adapter parameters, % of the base model (hypothesis: 0.1, 0.2, 0.5)
     seed: int = 0                 # every random stream derives from it (module docstring)
@@ -53,6 +53,7 @@ class Config:
     group_by_length: bool = True  # batches of similar length (HF's group_by_length): ~1/3 of random batches' padding
     max_train: int = 0            # >0: seeded random subset of the training set (CPU runs); 0 = all
     max_eval: int = 0             # >0: first N dev examples (tests only; reported numbers use all of dev)
+    heldout: int = 0              # >0: evaluate on this many training examples held out of training, not on dev (tuning: dev is the test set)
     # LoRA (Hu et al. 2021)
     lora_alpha: float = 16.0      # scaling = alpha / r; LoRA paper: set once, not tuned
     lora_dropout: float = 0.0     # on the LoRA path's input; the hypothesis sets none
@@ -65,12 +66,12 @@ class Config:
     ada_beta2: float = 0.85       # EMA of uncertainty (official)
     ada_gamma: float = 0.1        # orthogonality weight γ (official GLUE scripts; peft's default is 0.5)
     # FW-LoRA (the hypothesis)
-    fw_lambda: float = 1e-4       # λ of the penalty (hypothesis)
+    fw_lambda: float = LAMBDA     # λ of the penalty (hypothesis: 1e-4)
     fw_warmup_steps: int = 500    # K, Fisher warm-up steps (hypothesis: ~500), capped by fw_warmup_max_frac
     fw_warmup_max_frac: float = 0.1   # K <= this fraction of T (500 is 7.9% of a full 3-epoch SST-2 run)
     fw_alpha: float = 0.98        # α, EMA decay of ‖∇W‖² (hypothesis)
     fw_estimator: str = "probe"   # probe (unbiased, cheap) | exact (‖GᵀX‖² in full); README: Fisher estimator
-    fw_probes: int = 16           # Rademacher probes per layer and step (README: why 16)
+    fw_probes: int = 32           # Rademacher probes per step (README, Fisher estimator: 32 passes the gate, 16 not)
     fw_form: str = "delta"        # delta: ‖ΔW‖_F² (the text) | factors: ‖A‖²+‖B‖² (the sketch)
     fw_rank_min: int = 0          # fwrank: the smallest rank a matrix gets (0: left unadapted, as AdaLoRA may prune to 0)
     # running
@@ -85,7 +86,7 @@ class Config:
 # The range of every numeric field: (low, high, low inclusive, high inclusive); the message shows it as written here.
 RANGES = {**dict.fromkeys(("epochs", "batch_size", "max_length", "ada_delta_t", "fw_warmup_steps", "fw_probes",
                            "log_every"), (1, math.inf, True, False)),
-          **dict.fromkeys(("max_train", "max_eval", "max_grad_norm", "timing_skip", "weight_decay", "fw_rank_min",
+          **dict.fromkeys(("max_train", "max_eval", "heldout", "max_grad_norm", "timing_skip", "weight_decay", "fw_rank_min",
                            "fw_lambda", "ada_gamma"), (0, math.inf, True, False)),
           "lr": (0, math.inf, False, False), "lora_alpha": (0, math.inf, False, False),
           "budget": (0, 100, False, False), "warmup_ratio": (0, 1, True, False), "lora_dropout": (0, 1, True, False),
@@ -128,9 +129,6 @@ def autocast_for(device: torch.device, precision: str = "auto"):
     return nullcontext
 
 
-WEIGHTING = {"fwlora": "sum", "l2lora": "uniform", "fwshuffle": "shuffle", "fwmax": "max"}  # fisher.penalty_weights
-
-
 @dataclass
 class Method:
     """What build_method adds to a model: the adapter layers and the method's own state."""
@@ -163,6 +161,8 @@ def build_method(cfg: Config, model, total_steps: int, prepass=None) -> Method:
                             t_init=t_init, t_final=t_final, delta_t=cfg.ada_delta_t, beta1=cfg.ada_beta1,
                             beta2=cfg.ada_beta2)
         info.update(ada_init_rank=r0, ada_target_total_rank=r * len(names), t_init=t_init, t_final=t_final)
+    elif cfg.method == "head":  # the floor: no adapters, the head trained as in every method
+        layers = {}
     else:  # LoRA and the FW variants at rank r; fwrank at ranks r_m ∝ I_m with uniform LoRA's count (0: no adapter)
         ranks = dict.fromkeys(names, r)
         if cfg.method == "fwrank":
@@ -228,7 +228,7 @@ def prepare(cfg: Config, data: tuple | None = None) -> Run:
         raise ValueError(f"--max_length={cfg.max_length} exceeds {cfg.model}'s {positions} positions: use at most "
                          f"{positions}")
     train_b, dev_b = data or make_batches(cfg.task, cfg.glue_dir, tok, cfg.max_length, cfg.batch_size,
-                                          cfg.max_train, cfg.max_eval, cfg.seed)
+                                          cfg.max_train, cfg.max_eval, cfg.seed, cfg.heldout)
     T = cfg.epochs * len(train_b)
     model.to(device)  # first, so adapters and every piece of method state are born on the device
     clock, autocast = Clock(device), autocast_for(device, cfg.precision)
@@ -253,14 +253,17 @@ def train_step(run: Run, batch: dict, step: int):
     with clock("step"):
         with run.autocast():
             loss = run.model(**batch).loss
-        task_loss = loss.detach()
-        if ada:  # AdaLoRA: + γ·R(P, Q), the orthogonality regulariser, before backward (eq. 4)
+        loss.backward()  # one backward per step, whatever the method
+        loss = loss.detach()
+        task_loss = loss
+        # The methods' terms on the adapter factors: their value added to the loss, their gradient to .grad by
+        # hand (a few batched kernels, equal to autograd's: tests), before clipping, as if in the backward.
+        if ada:  # AdaLoRA: + γ·R(P, Q), the orthogonality regulariser (eq. 4)
             with clock("orth"):
-                loss = loss + cfg.ada_gamma * ada.orth_reg()
+                loss = loss + ada.add_orth_grad_(cfg.ada_gamma)
         if fw and not fw.in_warmup:  # FW-LoRA: + λ Σ_m (1 - I_m) ‖ΔW_m‖_F² (after warm-up)
             with clock("penalty"):
-                loss = loss + cfg.fw_lambda * fw.penalty()
-        loss.backward()  # one backward per step, whatever the method
+                loss = loss + fw.add_penalty_grad_(cfg.fw_lambda)
         if fw and fw.in_warmup:  # FW-LoRA warm-up: F_m <- αF_m + (1-α)‖∇W_m‖² from this backward's hooks
             with clock("fisher"):
                 fw.fisher.update()
@@ -278,7 +281,7 @@ def train_step(run: Run, batch: dict, step: int):
     run.bad_step = torch.where((run.bad_step < 0) & ~torch.isfinite(loss), step + 1, run.bad_step)
     run.loss_sum += task_loss
     run.n_loss += 1
-    return loss.detach(), task_loss
+    return loss, task_loss
 
 
 def check_finite(run: Run) -> None:

@@ -4,13 +4,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from adalora import (AdaLoRALinear, RankAllocator, budget_schedule, check_schedule, orth_regularizer)
+from adalora import (AdaLoRALinear, RankAllocator, add_orth_grad_, budget_schedule, check_schedule,
+                     orth_regularizer)
 from conftest import tiny_batch, tiny_model
 from lora import freeze_base, inject, shape_groups
 
 
-def ada_model(r=3, alpha=8.0):
-    model = tiny_model()
+def ada_model(r=3, alpha=8.0, kind="bert"):
+    model = tiny_model(kind)
     layers = list(inject(model, lambda lin: AdaLoRALinear(lin, r, alpha)).values())
     freeze_base(model)
     return model, layers
@@ -167,6 +168,25 @@ def test_orthogonality_term_zero_for_orthonormal_and_gradcheck():
         return orth_regularizer([[SimpleNamespace(lora_A=a, lora_B=b)]])
     torch.testing.assert_close(f(a, b), want)
     assert torch.autograd.gradcheck(f, (a, b))
+
+
+def test_orthogonality_gradient_added_by_hand_equals_autograds():
+    """add_orth_grad_ (after backward, batched, one multi-tensor add per factor) = autograd of γ·R, value too;
+    an exactly orthonormal factor (norm 0) gets gradient 0 from its term, as from autograd."""
+    _, layers = ada_model(r=3)
+    _, more = ada_model(kind="roberta", r=2)
+    layers += more
+    with torch.no_grad():  # one factor exactly orthonormal: its norm is 0
+        layers[0].lora_A.copy_(torch.eye(3, layers[0].lora_A.shape[1]))
+    params = [p for l in layers for p in (l.lora_A, l.lora_B)]
+    groups, gamma = shape_groups(layers), 0.3
+    value = gamma * orth_regularizer(groups)
+    want = torch.autograd.grad(value, params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    torch.testing.assert_close(add_orth_grad_(groups, gamma), value.detach())
+    for p, g in zip(params, want):
+        torch.testing.assert_close(p.grad, 1 + g, rtol=1e-5, atol=1e-7)
 
 
 def test_short_run_prunes_to_target_and_final_mask_is_frozen():

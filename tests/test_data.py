@@ -100,3 +100,25 @@ def test_metrics_match_scikit_learn():
         m = metrics(p, y)
         assert m["accuracy"] == pytest.approx(accuracy_score(y, p)) and m["mcc"] == pytest.approx(matthews_corrcoef(y, p))
     assert metrics(torch.ones(10), y[:10])["mcc"] == 0.0 == matthews_corrcoef(y[:10], torch.ones(10))  # one class
+
+
+def test_heldout_slice_is_fixed_disjoint_from_training_and_replaces_dev(monkeypatch):
+    """Tuning evaluates on a fixed slice of train that no run of any seed trains on; dev is never read."""
+    import data
+    train = ([f"t{i}" for i in range(4000)], [i % 2 for i in range(4000)])
+    monkeypatch.setattr(data, "load_glue", lambda task, glue_dir: {"train": train, "dev": (["d"], [0])})
+
+    class Chars:  # a stand-in tokenizer: a sentence's characters, so sentences can be recovered from ids
+        pad_token_id = 0
+
+        def __call__(self, sents, truncation, max_length):
+            return {"input_ids": [[ord(c) for c in s] for s in sents]}
+    text = lambda b: {"".join(map(chr, x.tolist())) for x in b.ids}
+    held = {}
+    for seed in (0, 1):
+        tr, ev = data.make_batches("sst2", "", Chars(), 64, 32, max_train=3000, seed=seed, heldout=500)
+        held[seed], trained = text(ev), text(tr)
+        assert len(held[seed]) == 500 and len(trained) == 3000 and not held[seed] & trained
+    assert held[0] == held[1] and held[0] <= set(train[0])  # one fixed slice of train; dev ("d") unread
+    with pytest.raises(ValueError, match="--heldout=4000 leaves no training data"):
+        data.make_batches("sst2", "", Chars(), 64, 32, heldout=4000)

@@ -283,3 +283,20 @@ def test_timing_rotates_the_method_order(tmp_path):
     (task1, args1), (task2, args2) = sweep.timing(s)
     assert (task1, args1[1], task2, args2[1]) == ("sst2", "--methods=lora,fwlora,adalora",
                                                   "cola", "--methods=fwlora,adalora,lora")
+
+
+def test_lambda_and_lr_axes_and_a_methods_own_values(tmp_path, capsys):
+    """LAMBDAS sweeps the penalised methods only (names carry λ), LRS every method (tuning names carry the lr),
+    <TASK>_<METHOD>_ARGS gives one method its own lr, in its runs and in the side-by-side timing."""
+    s = settings(tmp_path, METHODS="lora fwlora", LAMBDAS="1e-3 1e-2")
+    assert [n for n, _ in s.runs] == ["sst2_lora_b0.5_s0", "sst2_fwlora_b0.5_s0_lam0.001", "sst2_fwlora_b0.5_s0_lam0.01"]
+    s = settings(tmp_path, "--heldout=32", METHODS="lora", LRS="1e-3 5e-3")
+    assert [n for n, _ in s.runs] == ["sst2_lora_b0.5_s0_heldout32_lr0.001", "sst2_lora_b0.5_s0_heldout32_lr0.005"]
+    s = settings(tmp_path, METHODS="lora adalora", TIMED="lora,adalora", SST2_ADALORA_ARGS="--lr=5e-3")
+    assert "--lr=5e-3" in dict(s.runs)["sst2_adalora_b0.5_s0"] and "--lr=2e-3" in dict(s.runs)["sst2_lora_b0.5_s0"]
+    assert sweep.timing(s)[0][1][1] == "--methods=lora,adalora:lr=5e-3"
+    s = settings(tmp_path, "--lr=1e-3", METHODS="adalora", SST2_ADALORA_ARGS="--lr=5e-3")  # the user's flag wins
+    assert "--lr=5e-3" not in dict(s.runs)["sst2_adalora_b0.5_s0"]
+    with pytest.raises(SystemExit):
+        settings(tmp_path, "--lr=1e-3", LRS="1e-3 5e-3")
+    assert "LRS and --lr are both given" in capsys.readouterr().err

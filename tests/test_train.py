@@ -21,7 +21,7 @@ def test_parse_args_types_errors_and_help(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"], Config)
     out = capsys.readouterr().out
-    assert "--fw_lambda=0.0001" in out and "λ of the penalty (hypothesis)" in out
+    assert "--fw_lambda=0.0001" in out and "λ of the penalty (hypothesis: 1e-4)" in out
     assert "--max_grad_norm=1.0" in out and "clip the global gradient norm" in out
 
 
@@ -204,13 +204,37 @@ def test_exactly_one_backward_per_step(tmp_path, monkeypatch):
 
 
 def test_fwlora_and_l2lora_diagnostics(tmp_path):
-    fw = train(tiny(tmp_path, method="fwlora", fw_warmup_steps=4), toy_data())["fw"]
-    l2 = train(tiny(tmp_path, method="l2lora", fw_warmup_steps=4), toy_data())["fw"]
+    run = train(tiny(tmp_path, method="fwlora", fw_warmup_steps=4), toy_data())
+    fw, l2 = run["fw"], train(tiny(tmp_path, method="l2lora", fw_warmup_steps=4), toy_data())["fw"]
     imp = [m["importance"] for m in fw["per_matrix"].values()]
     assert len(imp) == 12 and abs(sum(imp) - 1) < 1e-5
     assert fw["weight_min"] < fw["weight_max"]
     assert l2["weight_min"] == l2["weight_max"] == pytest.approx(1 - 1 / 12)
-    assert all(m["delta_w_fro"] > 0 for m in fw["per_matrix"].values())
+    assert len(run["delta_w_fro"]) == 12 and all(v > 0 for v in run["delta_w_fro"].values())
+
+
+def test_every_adapter_method_records_its_per_matrix_delta_w(tmp_path):
+    """‖ΔW_m‖_F of every matrix, LoRA's and AdaLoRA's (with E) included, equal to the explicit product's norm."""
+    cfg = tiny(tmp_path, method="adalora", epochs=1, save_adapters=True)
+    r = train(cfg, toy_data())
+    from safetensors.torch import load_file
+    state = load_file(tmp_path / "sst2_adalora_b0.5_s0.safetensors")
+    name = next(iter(r["delta_w_fro"]))
+    A, B, E = (state[f"{name}.lora_{k}"] for k in "ABE")
+    from train import prepare
+    scaling = prepare(cfg, toy_data()).method.layers[name].scaling
+    assert r["delta_w_fro"][name] == pytest.approx((scaling * B @ (A * E)).norm().item(), rel=1e-5)
+    assert len(train(tiny(tmp_path), toy_data())["delta_w_fro"]) == 12  # LoRA's too
+
+
+def test_head_only_floor_trains_the_head_and_nothing_else(tmp_path):
+    """The `head` method: no adapter, the classification head (and BERT's pooler) trained as in every method."""
+    from train import prepare
+    run = prepare(tiny(tmp_path, method="head"), toy_data())
+    trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("classifier") or "pooler" in n for n in trainable)
+    r = train(tiny(tmp_path, method="head"), toy_data())
+    assert r["budget"]["adapter_params"] == 0 and r["delta_w_fro"] == {} and r["status"] == "ok"
 
 
 def test_adalora_run_prunes_to_target(tmp_path):
