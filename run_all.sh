@@ -64,7 +64,7 @@ case "$PROFILE" in
       tune)  # one grid for every method with an lr of its own, seed 0, scored on 1,000 held-out training examples
         SST2_ARGS="--max_train=6000 --epochs=1 --heldout=1000"; COLA_ARGS="--epochs=2 --heldout=1000"
         SST2_ADALORA_ARGS=""; COLA_ADALORA_ARGS=""
-        DEF_SEEDS="0"; DEF_METHODS="lora adalora"; DEF_LRS="1e-3 2e-3 5e-3"; DEF_TIMED="" ;;
+        DEF_SEEDS="0"; DEF_METHODS="lora adalora"; DEF_LRS="5e-4 1e-3 2e-3 5e-3 1e-2"; DEF_TIMED="" ;;
     esac ;;
   smoke)  # a tiny random BERT: numbers mean nothing, the plumbing is exercised end to end
     MODEL=tiny-bert; DEF_SEEDS="0"; DEF_BUDGETS="0.5"
