@@ -171,9 +171,9 @@ def tables(runs: list[dict], folder: str) -> tuple[str, dict]:
             vals.append(f"{statistics.mean(fin):.1f}{sd} ({len(fin)}); best {statistics.mean(best):.1f}"
                         + (f"; **{deg} degenerate**" if deg else ""))
         out.append(f"| {NAMES[m]} | " + " | ".join(vals) + " |")
-    lrs = {m: "/".join(sorted({f"{r['config']['lr']:g}" for c in cells.values() for r in c.get(m, {}).values()}))
-           for m in rows}
-    out += ["", "Learning rates: " + ", ".join(f"{NAMES[m].split(' (')[0]} {lr}" for m, lr in lrs.items()) + "."]
+    lr = lambda c, m: "/".join(sorted({f"{r['config']['lr']:g}" for r in c.get(m, {}).values()})) or "-"
+    out += ["", f"Learning rates ({' / '.join(cell_name(*c) for c in cells)}): " + ", ".join(
+        f"{NAMES[m].split(' (')[0]} {' / '.join(lr(c, m) for c in cells.values())}" for m in rows) + "."]
     comp = comparisons(cells)
     out += ["", "Paired differences ×100 (a − b): the mean over seeds of the per-seed difference, its 95% paired "
             "t-interval over seeds (df = n − 1), and how many seeds' differences are positive; **bold**: the "
@@ -276,7 +276,7 @@ def dose_response(cells: dict) -> str:
         out += ["", f"**{cell_name(task, budget)}**" + (f" (LoRA: {100 * statistics.mean(r['final'] for r in lora.values()):.1f}, "
                                                         f"n = {len(lora)})" if lora else ""), "",
                 "| λ | " + " | ".join(NAMES[m].split(" (")[0] for m in DOSE) + " | FW − L2 | fwmax − L2 | ‖ΔW‖ ÷ LoRA's "
-                "(FW / L2 / fwmax) | max\|w − w̄\| ≤ max I_m |", "|---" * 7 + "|"]
+                "(FW / L2 / fwmax) | max\|w − w̄\| ≤ max I_m |", "|---" * 8 + "|"]
         for lam, ms in ((lam, ms) for lam, ms in by_lam.items() if lam > 0):
             def metric(m):
                 f = [100 * r["final"] for r in ms.get(m, {}).values()]

@@ -317,7 +317,7 @@ def run_local(s: Sweep, todo: list, jobs: list[Slot]) -> list[str]:
     if not STOP:
         print(f"sweep finished in {(time.time() - t_start) / 60:.0f} min ({len(jobs)} at a time)")
     for task, args in timing(s) if not STOP else ():  # alone on the machine: one process, every thread
-        print(f"side-by-side timing of {task}: {args[1].split('=')[1]}")
+        print(f"side-by-side timing of {task}: {args[1].split('=', 1)[1]}")
         start("bench", args, f"bench_runs_{task}", Slot(sum(j.threads for j in jobs), jobs[0].gpu), 0)
         while running and not STOP:
             reap()
