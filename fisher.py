@@ -30,7 +30,7 @@ Tests: `python -m pytest tests/test_fisher.py`.
 """
 import torch
 
-from lora import LoRALinear, add_to_grads_, freeze_base, inject, shape_groups, stack_factors
+from lora import LoRALinear, add_to_grads_, freeze_base, group_order, inject, shape_groups, stack_factors
 
 WEIGHTINGS = ("sum", "max", "uniform", "shuffle")  # fwlora (the hypothesis), fwmax, l2lora, fwshuffle
 WEIGHTING = {"fwlora": "sum", "l2lora": "uniform", "fwshuffle": "shuffle", "fwmax": "max"}  # the penalised methods
@@ -73,7 +73,7 @@ def allocate_ranks(importance: torch.Tensor, costs: list[int], budget: int, r_mi
 
 
 def fisher_prepass(model, rank: int, batches, autocast, *, decay: float = 0.98, estimator: str = "probe",
-                   n_probes: int = 16, seed: int = 0) -> dict[str, float]:
+                   n_probes: int = 32, seed: int = 0) -> dict[str, float]:
     """fwrank's pre-pass: {module name: F_m} over `batches` (forward and backward, no optimiser step), with the
     FW-LoRA hooks on temporary rank-`rank` adapters (B = 0: the model is the pretrained one), removed after.
     Moves no parameter and draws nothing from the global RNG (dropout's draws are rolled back)."""
@@ -110,7 +110,7 @@ class FisherProxy:
     gradient G (references, no kernels); update() turns them into the statistic per shape group (stack, two
     batched products, one EMA step for all M), so a warm-up step costs tens of kernels, not ten per matrix."""
 
-    def __init__(self, layers: list, *, decay: float = 0.98, estimator: str = "probe", n_probes: int = 16,
+    def __init__(self, layers: list, *, decay: float = 0.98, estimator: str = "probe", n_probes: int = 32,
                  seed: int = 0):
         if estimator not in ("exact", "probe"):
             raise ValueError(f"fw_estimator must be 'exact' or 'probe', got {estimator!r}")
@@ -119,9 +119,8 @@ class FisherProxy:
         self.layers, self.decay, self.estimator, self.n_probes = layers, decay, estimator, n_probes
         like = layers[0].lora_A  # fp32 master adapters (float64 in the device-move test)
         self.F = like.new_zeros(len(layers))  # the EMA statistic
-        position = {id(l): i for i, l in enumerate(layers)}
-        self.groups = [[position[id(l)] for l in g] for g in shape_groups(layers)]
-        self.inverse = torch.argsort(torch.tensor(sum(self.groups, []))).to(like.device)  # group -> layer order
+        self.groups, inverse = group_order(layers)
+        self.inverse = inverse.to(like.device)  # group order -> layer order
         self.d_out = max(l.base.out_features for l in layers)
         self.x, self.g = [None] * len(layers), [None] * len(layers)  # this step's, set by the hooks
         # Own generator: probes never touch the global RNG, so dropout masks match plain LoRA's.
@@ -174,9 +173,9 @@ class DeltaWPenalty:
     def __init__(self, layers: list, weights: torch.Tensor, form: str = "delta"):
         self.form = form
         self.groups = shape_groups(layers)
-        position = {id(l): i for i, l in enumerate(layers)}
-        order = torch.tensor([position[id(l)] for g in self.groups for l in g])
-        self.inverse = torch.argsort(order).to(weights.device)  # group order -> layer order
+        groups, inverse = group_order(layers)
+        order = torch.tensor(sum(groups, []))
+        self.inverse = inverse.to(weights.device)  # group order -> layer order
         w = weights[order.to(weights.device)].to(layers[0].lora_A.dtype)
         self.weights_grouped = w  # weights pre-permuted: no reorder on the hot path
         self.w_by_group = list(w.split([len(g) for g in self.groups]))
@@ -231,7 +230,7 @@ class FWLoRA:
     """The method's schedule: Fisher warm-up for K steps, then I_m fixed and the weighted penalty on."""
 
     def __init__(self, layers: list, *, warmup_steps: int, decay: float = 0.98, estimator: str = "probe",
-                 n_probes: int = 16, weighting: str = "sum", form: str = "delta", seed: int = 0):
+                 n_probes: int = 32, weighting: str = "sum", form: str = "delta", seed: int = 0):
         if warmup_steps < 1:
             raise ValueError(f"FW-LoRA needs at least one warm-up step to score matrices, got {warmup_steps}")
         if form not in ("delta", "factors") or weighting not in WEIGHTINGS:

@@ -156,6 +156,14 @@ def shape_groups(layers: list) -> list[list]:
     return list(groups.values())
 
 
+def group_order(layers: list) -> tuple[list[list[int]], torch.Tensor]:
+    """shape_groups(layers) as layer indices, and the permutation that puts group-ordered values back in layer
+    order (values_in_group_order[inverse] is in layer order)."""
+    position = {id(l): i for i, l in enumerate(layers)}
+    groups = [[position[id(l)] for l in g] for g in shape_groups(layers)]
+    return groups, torch.argsort(torch.tensor(sum(groups, [])))
+
+
 def stack_factors(layers: list) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of one shape group, stacked (g × r × d_in, g × d_out × r), detached: for the terms whose gradient is
     added by hand (add_to_grads_), so that autograd never sends a second gradient back through the stack."""
