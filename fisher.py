@@ -73,7 +73,7 @@ def allocate_ranks(importance: torch.Tensor, costs: list[int], budget: int, r_mi
 
 
 def fisher_prepass(model, rank: int, batches, autocast, *, decay: float = 0.98, estimator: str = "probe",
-                   n_probes: int = 32, seed: int = 0) -> dict[str, float]:
+                   n_probes: int = 64, seed: int = 0) -> dict[str, float]:
     """fwrank's pre-pass: {module name: F_m} over `batches` (forward and backward, no optimiser step), with the
     FW-LoRA hooks on temporary rank-`rank` adapters (B = 0: the model is the pretrained one), removed after.
     Moves no parameter and draws nothing from the global RNG (dropout's draws are rolled back)."""
@@ -110,7 +110,7 @@ class FisherProxy:
     gradient G (references, no kernels); update() turns them into the statistic per shape group (stack, two
     batched products, one EMA step for all M), so a warm-up step costs tens of kernels, not ten per matrix."""
 
-    def __init__(self, layers: list, *, decay: float = 0.98, estimator: str = "probe", n_probes: int = 32,
+    def __init__(self, layers: list, *, decay: float = 0.98, estimator: str = "probe", n_probes: int = 64,
                  seed: int = 0):
         if estimator not in ("exact", "probe"):
             raise ValueError(f"fw_estimator must be 'exact' or 'probe', got {estimator!r}")
@@ -230,7 +230,7 @@ class FWLoRA:
     """The method's schedule: Fisher warm-up for K steps, then I_m fixed and the weighted penalty on."""
 
     def __init__(self, layers: list, *, warmup_steps: int, decay: float = 0.98, estimator: str = "probe",
-                 n_probes: int = 32, weighting: str = "sum", form: str = "delta", seed: int = 0):
+                 n_probes: int = 64, weighting: str = "sum", form: str = "delta", seed: int = 0):
         if warmup_steps < 1:
             raise ValueError(f"FW-LoRA needs at least one warm-up step to score matrices, got {warmup_steps}")
         if form not in ("delta", "factors") or weighting not in WEIGHTINGS:

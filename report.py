@@ -276,7 +276,7 @@ def dose_response(cells: dict) -> str:
         out += ["", f"**{cell_name(task, budget)}**" + (f" (LoRA: {100 * statistics.mean(r['final'] for r in lora.values()):.1f}, "
                                                         f"n = {len(lora)})" if lora else ""), "",
                 "| λ | " + " | ".join(NAMES[m].split(" (")[0] for m in DOSE) + " | FW − L2 | fwmax − L2 | ‖ΔW‖ ÷ LoRA's "
-                "(FW / L2 / fwmax) | max\|w − w̄\| ≤ max I_m |", "|---" * 8 + "|"]
+                "(FW / L2 / fwmax) | max\\|w − w̄\\| ≤ max I_m |", "|---" * 8 + "|"]
         for lam, ms in ((lam, ms) for lam, ms in by_lam.items() if lam > 0):
             def metric(m):
                 f = [100 * r["final"] for r in ms.get(m, {}).values()]

@@ -71,7 +71,7 @@ class Config:
     fw_warmup_max_frac: float = 0.1   # K <= this fraction of T (500 is 7.9% of a full 3-epoch SST-2 run)
     fw_alpha: float = 0.98        # α, EMA decay of ‖∇W‖² (hypothesis)
     fw_estimator: str = "probe"   # probe (unbiased, cheap) | exact (‖GᵀX‖² in full); README: Fisher estimator
-    fw_probes: int = 32           # Rademacher probes per step (README, Fisher estimator: its error against exact)
+    fw_probes: int = 64           # Rademacher probes per step: the fewest that pass the gate (README, Fisher estimator)
     fw_form: str = "delta"        # delta: ‖ΔW‖_F² (the text) | factors: ‖A‖²+‖B‖² (the sketch)
     fw_rank_min: int = 0          # fwrank: the smallest rank a matrix gets (0: left unadapted, as AdaLoRA may prune to 0)
     # running
