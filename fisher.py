@@ -34,6 +34,7 @@ from lora import LoRALinear, add_to_grads_, freeze_base, group_order, inject, sh
 
 WEIGHTINGS = ("sum", "max", "uniform", "shuffle")  # fwlora (the hypothesis), fwmax, l2lora, fwshuffle
 WEIGHTING = {"fwlora": "sum", "l2lora": "uniform", "fwshuffle": "shuffle", "fwmax": "max"}  # the penalised methods
+N_PROBES = 64  # Rademacher probes per step: the fewest measured (16, 32, 64) that pass the gate (README)
 LAMBDA = 1e-4  # the hypothesis's λ: train.py's default; a run at another λ carries it in its name (record.run_name)
 
 
@@ -73,7 +74,7 @@ def allocate_ranks(importance: torch.Tensor, costs: list[int], budget: int, r_mi
 
 
 def fisher_prepass(model, rank: int, batches, autocast, *, decay: float = 0.98, estimator: str = "probe",
-                   n_probes: int = 64, seed: int = 0) -> dict[str, float]:
+                   n_probes: int = N_PROBES, seed: int = 0) -> dict[str, float]:
     """fwrank's pre-pass: {module name: F_m} over `batches` (forward and backward, no optimiser step), with the
     FW-LoRA hooks on temporary rank-`rank` adapters (B = 0: the model is the pretrained one), removed after.
     Moves no parameter and draws nothing from the global RNG (dropout's draws are rolled back)."""
@@ -110,7 +111,7 @@ class FisherProxy:
     gradient G (references, no kernels); update() turns them into the statistic per shape group (stack, two
     batched products, one EMA step for all M), so a warm-up step costs tens of kernels, not ten per matrix."""
 
-    def __init__(self, layers: list, *, decay: float = 0.98, estimator: str = "probe", n_probes: int = 64,
+    def __init__(self, layers: list, *, decay: float = 0.98, estimator: str = "probe", n_probes: int = N_PROBES,
                  seed: int = 0):
         if estimator not in ("exact", "probe"):
             raise ValueError(f"fw_estimator must be 'exact' or 'probe', got {estimator!r}")
@@ -230,7 +231,7 @@ class FWLoRA:
     """The method's schedule: Fisher warm-up for K steps, then I_m fixed and the weighted penalty on."""
 
     def __init__(self, layers: list, *, warmup_steps: int, decay: float = 0.98, estimator: str = "probe",
-                 n_probes: int = 64, weighting: str = "sum", form: str = "delta", seed: int = 0):
+                 n_probes: int = N_PROBES, weighting: str = "sum", form: str = "delta", seed: int = 0):
         if warmup_steps < 1:
             raise ValueError(f"FW-LoRA needs at least one warm-up step to score matrices, got {warmup_steps}")
         if form not in ("delta", "factors") or weighting not in WEIGHTINGS:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from adalora import AdaLoRALinear, RankAllocator, ada_initial_rank, check_schedule
 from data import Batches, check_task, load_model, make_batches
-from fisher import LAMBDA, WEIGHTING, FWLoRA, allocate_ranks, fisher_prepass, warmup_length
+from fisher import LAMBDA, N_PROBES, WEIGHTING, FWLoRA, allocate_ranks, fisher_prepass, warmup_length
 from lora import (LoRALinear, adapter_params, count_base_params, freeze_base, inject, rank_for_budget,
                   target_names)
 from record import (METHODS, Clock, environment, metrics, parse_args, result_paths, run_name, summarise,
@@ -71,7 +71,7 @@ class Config:
     fw_warmup_max_frac: float = 0.1   # K <= this fraction of T (500 is 7.9% of a full 3-epoch SST-2 run)
     fw_alpha: float = 0.98        # α, EMA decay of ‖∇W‖² (hypothesis)
     fw_estimator: str = "probe"   # probe (unbiased, cheap) | exact (‖GᵀX‖² in full); README: Fisher estimator
-    fw_probes: int = 64           # Rademacher probes per step: the fewest that pass the gate (README, Fisher estimator)
+    fw_probes: int = N_PROBES     # Rademacher probes per step (README, Fisher estimator: the gate)
     fw_form: str = "delta"        # delta: ‖ΔW‖_F² (the text) | factors: ‖A‖²+‖B‖² (the sketch)
     fw_rank_min: int = 0          # fwrank: the smallest rank a matrix gets (0: left unadapted, as AdaLoRA may prune to 0)
     # running
