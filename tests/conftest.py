@@ -1,13 +1,11 @@
-"""Shared helpers: tiny random BERT/RoBERTa classifiers and synthetic batches (no download, no data files)."""
+"""pytest hooks only; the shared test helpers (tiny models, synthetic batches) are in helpers.py."""
 import os
 import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from data import synthetic  # noqa: E402  (after the path insert)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # the project's modules, and `from helpers import ...`
 
 
 def pytest_configure(config):
@@ -15,55 +13,3 @@ def pytest_configure(config):
     config.option.reportchars += "s"  # a skipped test says why in the summary (SLURM's, where it is missing)
     if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2`: one worker per core, one thread each
         torch.set_num_threads(1)
-
-
-def pytest_collection_modifyitems(items):
-    """The sweep tests first: each starts processes and waits on them for tens of seconds, and with `-n 2` the
-    other worker fills that time with the short tests instead of finishing early and idling."""
-    items.sort(key=lambda item: os.path.basename(item.fspath) not in ("test_run_all.py", "test_slurm.py"))
-
-
-def tiny_model(kind: str = "bert", seed: int = 0):
-    from transformers import (BertConfig, BertForSequenceClassification, RobertaConfig,
-                              RobertaForSequenceClassification)
-    torch.manual_seed(seed)
-    common = dict(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=24, max_position_embeddings=40, num_labels=2,
-                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    if kind == "bert":
-        return BertForSequenceClassification(BertConfig(**common)).eval()
-    return RobertaForSequenceClassification(RobertaConfig(pad_token_id=1, **common)).eval()
-
-
-def lora_model(kind: str = "bert", r: int = 2, alpha: float = 4.0, b_std: float = 0.0):
-    """A tiny model with LoRA on its 12 target matrices, the base frozen: (model, [layers]). b_std > 0 draws B
-    from N(0, b_std²) instead of LoRA's zeros, so that ΔW ≠ 0."""
-    from lora import LoRALinear, freeze_base, inject
-    model = tiny_model(kind)
-    layers = list(inject(model, lambda lin: LoRALinear(lin, r, alpha)).values())
-    freeze_base(model)
-    for l in layers if b_std else ():
-        torch.nn.init.normal_(l.lora_B, std=b_std)
-    return model, layers
-
-
-def tiny(out_dir, **kw):
-    """A train.Config on tiny-bert (hidden 32, FFN 64, 2 layers: 896 adapter parameters per unit of rank), 16 steps
-    on toy_data()."""
-    from train import Config
-    base = dict(model="tiny-bert", task="sst2", epochs=2, lr=2e-3, budget=0.5, out_dir=str(out_dir), log_every=4,
-                fw_warmup_max_frac=0.5)  # let the Fisher warm-up last a few of the 16 steps
-    return Config(**(base | kw))
-
-
-def tiny_batch(seed: int = 0, n: int = 4, length: int = 7):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 100, (n, length), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, -2:] = 0  # one padded row
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (n,), generator=g)}
-
-
-def toy_data(n_train: int = 256, n_dev: int = 64, seed: int = 0):
-    """(train, dev) Batches of the parity task (data.synthetic), batch 32, ids < 100."""
-    return synthetic(n_train, n_dev, batch_size=32, seq_len=12, vocab=100, seed=seed)

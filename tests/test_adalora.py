@@ -6,7 +6,7 @@ import torch
 
 from adalora import (AdaLoRALinear, RankAllocator, add_orth_grad_, budget_schedule, check_schedule,
                      orth_regularizer)
-from conftest import tiny_batch, tiny_model
+from helpers import tiny_batch, tiny_model
 from lora import freeze_base, inject, shape_groups
 
 

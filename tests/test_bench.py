@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import bench
-from conftest import tiny, toy_data
+from helpers import tiny, toy_data
 from train import train
 
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import lora_model, tiny_batch, tiny_model
+from helpers import lora_model, tiny_batch, tiny_model
 from fisher import DeltaWPenalty, FisherProxy, FWLoRA, sq_grad_norms
 from lora import LoRALinear, freeze_base, inject
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import lora_model, tiny_batch, tiny_model
+from helpers import lora_model, tiny_batch, tiny_model
 from lora import (LoRALinear, adapter_params, count_base_params, freeze_base, inject, is_head, load_adapters,
                   rank_for_budget, save_adapters, target_names)
 

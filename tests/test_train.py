@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import tiny, toy_data
+from helpers import tiny, toy_data
 from record import parse_args
 from train import Config, prepare, train, train_step
 
@@ -189,7 +189,7 @@ def test_fwlora_with_zero_lambda_follows_lora_exactly(tmp_path):
 
 @pytest.mark.parametrize("T, K", [(250, 25), (804, 80), (6315, 500), (5, 1)])
 def test_fisher_warmup_length_rule(T, K):
-    from conftest import tiny_model
+    from helpers import tiny_model
     from train import build_method
     m = build_method(Config(method="fwlora", budget=50.0), tiny_model(), T)
     assert m.fw.warmup_steps == m.info["fw_warmup_steps"] == K  # min(500, 10% of T), at least 1
