@@ -20,15 +20,14 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
 import os
-import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
 import torch
 
+import slurm
 from data import RANDOM_MODELS, TASKS, load_glue, load_model
 from lora import count_base_params, rank_for_budget, target_names
 from fisher import WEIGHTING
@@ -67,11 +66,12 @@ class Sweep:
 
 def settings(argv: list[str], env: dict) -> Sweep:
     """The sweep from the environment and arguments, every value checked (exit 2 on bad input)."""
-    slurm, overrides = env.get("SLURM") == "1" or "--slurm" in argv, [a for a in argv if a != "--slurm"]
-    if slurm and not shutil.which("sbatch"):
+    on_slurm = env.get("SLURM") == "1" or "--slurm" in argv
+    overrides = [a for a in argv if a != "--slurm"]
+    if on_slurm and not shutil.which("sbatch"):
         fail("--slurm needs SLURM, and sbatch is not on PATH: run this on the cluster's login node (or load its "
              "slurm module), or drop --slurm to run here")
-    if slurm and env.get("PROFILE") == "auto":
+    if on_slurm and env.get("PROFILE") == "auto":
         fail("with --slurm, name the profile first (bash run_all.sh paper --slurm): this machine's GPU says "
              "nothing about the compute nodes'")
     for a in overrides:
@@ -124,7 +124,8 @@ def settings(argv: list[str], env: dict) -> Sweep:
                     fail(f"{' '.join(runs[run_name(cfg)][-2:])} and {' '.join(args[-2:])} are the same run "
                          f"{run_name(cfg)}: list each value once")
                 runs[run_name(cfg)] = args
-    return Sweep(env.get("PROFILE", ""), out, list(runs.items()), timed, task_args, slurm, method_args)
+    return Sweep(env.get("PROFILE", ""), out, list(runs.items()), timed, task_args, on_slurm,
+                 method_args)
 
 
 def plan(s: Sweep) -> list[tuple[str, str, list]]:
@@ -187,24 +188,6 @@ def lock(out: str):
     with open(pid_file, "w") as p:
         p.write(f"{os.getpid()}\n")
     return f
-
-
-def slurm_guard(out: str, env: dict) -> None:
-    """Jobs of an earlier --slurm submission still queued or running own OUT's missing runs. If squeue cannot
-    answer, refuse (fail closed) unless SLURM_GUARD=off."""
-    path = os.path.join(out, "slurm", "jobs")
-    jobs = open(path).read().split() if os.path.exists(path) else []
-    if not jobs or env.get("SLURM_GUARD") == "off" or not shutil.which("squeue"):  # no SLURM here: nothing to ask
-        return
-    r = subprocess.run(["squeue", "-h", "--me", "-o", "%F"], capture_output=True, text=True)
-    if r.returncode:
-        fail(f"{path} lists SLURM jobs {','.join(jobs)}, and squeue cannot say whether they still run "
-             f"({r.stderr.strip() or r.returncode}): try again when it answers, or set SLURM_GUARD=off if you know "
-             "they have ended", 1)
-    busy = [j for j in jobs if j in r.stdout.split()]
-    if busy:
-        fail(f"SLURM jobs {','.join(busy)}, submitted earlier for {out}, are still queued or running: wait for them "
-             f"(squeue -j {','.join(busy)}) or cancel them (scancel {' '.join(busy)}), then run this again", 1)
 
 
 def timing(s: Sweep) -> list[tuple[str, list]]:
@@ -331,64 +314,13 @@ def run_local(s: Sweep, todo: list, jobs: list[Slot]) -> list[str]:
     return failed
 
 
-def submit_slurm(s: Sweep, todo: list, timing_todo: list, env: dict) -> int:
-    """The runs to do as one SLURM job array (task i: the i-th run's train.py command, as the local sweep's), then
-    one job after it for the timing and the report. Job scripts are written to OUT/slurm/ for reading."""
-    if not todo and not timing_todo:
-        print(f"nothing to submit: every run of this sweep has its result in {s.out}, so the table is complete "
-              f"({sys.executable} report.py {s.out} prints it)")
-        return 0
-    d, stamp, py, env = os.path.join(s.out, "slurm"), time.strftime("%Y%m%d-%H%M%S"), shlex.quote(sys.executable), env
-    os.makedirs(d, exist_ok=True)
-    head = "#!/bin/bash\nexport OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1} PYTHONUNBUFFERED=1\n"
-    log = lambda name: shlex.quote(os.path.join(s.out, name + ".log"))  # appended to: never cuts a finished run's
-    scripts = {"runs": head + "case $SLURM_ARRAY_TASK_ID in\n" + "".join(
-        f"  {i}) exec {py} train.py {shlex.join(a)} >>{log(n)} 2>&1 ;;\n" for i, (_, n, a) in enumerate(todo)) + "esac\n",
-        "end": head + "".join(f"{py} bench.py {shlex.join(a)} >>{log('bench_runs_' + t)} 2>&1\n" for t, a in timing_todo)
-        + f"exec {py} report.py {shlex.quote(s.out)}\n"}
-    paths = {k: os.path.join(d, f"{k}-{stamp}.sh") for k in scripts}
-    for k, text in scripts.items():
-        with open(paths[k], "w") as f:
-            f.write(text)
-
-    def sbatch(path, *opts):
-        r = subprocess.run(["sbatch", "--parsable", f"--chdir={os.getcwd()}", *opts,
-                            *shlex.split(env.get("SBATCH_ARGS", "")), path], capture_output=True, text=True)
-        if r.returncode:
-            print(f"error: SLURM refused the submission of {path}:\n  " + r.stderr.strip().replace("\n", "\n  "),
-                  file=sys.stderr)
-            subprocess.run(["scancel", array]) if array else None
-            for p in paths.values():
-                os.remove(p)
-            os.rmdir(d) if not os.listdir(d) else None
-            sys.exit(1)
-        return r.stdout.strip().split(";")[0]  # --parsable: id[;cluster]
-    array = None
-    if todo:
-        array = sbatch(paths["runs"], f"--job-name=fwlora-{s.profile}", f"--array=0-{len(todo) - 1}",
-                       f"--output={d}/%A_%a.out", *shlex.split(env.get("SLURM_RUN", "")))
-    end = sbatch(paths["end"], f"--job-name=fwlora-{s.profile}-report", f"--output={d}/%j-report.out",
-                 *[f"--dependency=afterany:{array}"] * bool(array),
-                 *shlex.split(env.get("SLURM_END", "") if timing_todo else "--mem=2G"))
-    with open(os.path.join(d, "jobs"), "a") as f:
-        f.write("".join(f"{j}\n" for j in (array, end) if j))
-    ids = ",".join(j for j in (array, end) if j)
-    if array:
-        print(f"submitted job array {array}: {len(todo)} runs, one per task ({paths['runs']})")
-    print(f"submitted job {end}: {'side-by-side timing, then ' * bool(timing_todo)}the report"
-          + ", after the array ends" * bool(array))
-    print(f"watch: squeue -j {ids}   logs: {s.out}/<run>.log   table: {s.out}/table.md, written by job {end}")
-    print(f"stop:  scancel {ids.replace(',', ' ')}; the same command submits again what is missing")
-    return 0
-
-
 def main(argv: list[str], env: dict | None = None) -> int:
     env = dict(os.environ if env is None else env)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # set here, so a sweep started with & stops too
         signal.signal(sig, stop)
     s = settings(argv, env)
     held = lock(s.out)  # noqa: F841  (held until the sweep exits)
-    slurm_guard(s.out, env)
+    slurm.guard(s.out, env)
     steps = plan(s)
     todo = [x for x in steps if x[0] == "todo"]
     preflight(s, todo)
@@ -396,7 +328,7 @@ def main(argv: list[str], env: dict | None = None) -> int:
     for _, name, _ in (x for x in steps if x[0] == "done"):
         print(f"skip {name} (done)" + f"; {redo} does not redo a finished run: move its result out of OUT" * bool(redo))
     if s.slurm:
-        return submit_slurm(s, todo, timing(s), env)
+        return slurm.submit(s.out, s.profile, [(n, a) for _, n, a in todo], timing(s), env)
     failed = run_local(s, todo, slots(env, any(parse_args(a, Config).device == "cuda" for _, _, a in todo)))
     if failed:
         print(f"failed ({len(failed)}): {', '.join(failed)}")

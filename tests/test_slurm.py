@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from slurm import guard
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SBIN = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
 SMOKE = {"TASKS": "sst2", "BUDGETS": "0.5", "METHODS": "lora fwlora", "PYTHON": sys.executable}
@@ -28,6 +30,29 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def node_state(env) -> str:
+    return subprocess.run(["sinfo", "-h", "-o", "%t"], env=os.environ | env, capture_output=True,
+                          text=True).stdout.strip()
+
+
+# What each daemon's start means, checked before the next one starts (a wait on a condition, not a sleep).
+READY = {"munged": lambda d, env: lambda: (d / "munge.sock").exists(),
+         "slurmctld": lambda d, env: lambda: subprocess.run(["scontrol", "ping"], env=os.environ | env,
+                                                            capture_output=True, text=True).stdout.count("UP") > 0,
+         "slurmd": lambda d, env: lambda: node_state(env) == "idle"}
+
+
+def wait_for(ready, what: str, d, deadline_s: float = 30):
+    """Poll `ready()` until it holds or the deadline passes (then fail with the daemons' logs)."""
+    deadline = time.time() + deadline_s
+    while not ready():
+        if time.time() > deadline:
+            logs = "\n".join((d / f).read_text()[-800:] for f in ("munged.log", "slurmctld.log", "slurmd.log")
+                             if (d / f).exists())
+            pytest.fail(f"timed out waiting for {what}:\n{logs}")
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +104,7 @@ PartitionName=ci Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 "slurmd": ["-D", "-f", env["SLURM_CONF"], "-N", host]}.items():
             daemons.append(subprocess.Popen([shutil.which(name, path=SBIN), *cmd], stdout=subprocess.DEVNULL,
                                             stderr=open(d / f"{name}.out", "w"), env=os.environ | env))
-            time.sleep(0.5)  # munged's socket, then the controller, before the node registers
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            state = subprocess.run(["sinfo", "-h", "-o", "%t"], env=os.environ | env, capture_output=True,
-                                   text=True).stdout.strip()
-            if state == "idle":
-                break
-            time.sleep(0.5)
-        else:
-            logs = "\n".join((d / f).read_text()[-800:] for f in ("slurmctld.log", "slurmd.log") if (d / f).exists())
-            pytest.fail(f"the node did not come up (state {state!r}):\n{logs}")
+            wait_for(READY[name](d, env), f"{name} to start", d)  # munged's socket, then the controller, then the node
         yield env
     finally:
         subprocess.run(["scancel", "--user=root"], env=os.environ | env, capture_output=True)
@@ -198,3 +213,27 @@ def test_job_scripts_quote_out_and_append_to_logs(tmp_path):
     log = out / "sst2_lora_b0.5_s0.log"
     assert f">>'{log}' 2>&1" in script.read_text()  # appended to, and quoted (the real SLURM test runs such tasks)
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def fake_squeue(tmp_path, monkeypatch, script):
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    (tmp_path / "bin" / "squeue").write_text("#!/bin/bash\n" + script)
+    (tmp_path / "bin" / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    (tmp_path / "slurm").mkdir(exist_ok=True)
+    (tmp_path / "slurm" / "jobs").write_text("41\n42\n")
+
+
+def test_slurm_guard_fails_closed(tmp_path, monkeypatch, capsys):
+    """Bad case 11: a controller that cannot be reached stops the sweep (SLURM_GUARD=off overrides)."""
+    fake_squeue(tmp_path, monkeypatch, 'echo "slurm_load_jobs error: Unable to contact slurm controller" >&2; exit 1')
+    with pytest.raises(SystemExit) as e:
+        guard(str(tmp_path), {})
+    assert e.value.code == 1 and "squeue cannot say whether they still run" in capsys.readouterr().err
+    guard(str(tmp_path), {"SLURM_GUARD": "off"})  # the user's override
+    fake_squeue(tmp_path, monkeypatch, 'echo 42; echo 99')
+    with pytest.raises(SystemExit):
+        guard(str(tmp_path), {})
+    assert "SLURM jobs 42, submitted earlier" in capsys.readouterr().err
+    fake_squeue(tmp_path, monkeypatch, 'echo 99')
+    guard(str(tmp_path), {})  # ours have ended

@@ -1,5 +1,5 @@
 """sweep.py (through run_all.sh where processes matter, in-process elsewhere): resume, interrupts (Ctrl-C, SIGTERM,
-kill -9), failures and exit status, the lock, the SLURM guard, GPU slots, every refusal of bad input, and a
+kill -9), failures and exit status, the lock, GPU slots, every refusal of bad input, and a
 resume that reuses only results of exactly the run it would make."""
 import dataclasses
 import errno
@@ -252,30 +252,6 @@ def test_one_sweep_per_folder(tmp_path, capsys):
     assert e.value.code == 1 and f"another sweep (pid {os.getpid()})" in capsys.readouterr().err
     held.close()
     sweep.lock(str(tmp_path)).close()  # free again
-
-
-def fake_squeue(tmp_path, monkeypatch, script):
-    (tmp_path / "bin").mkdir(exist_ok=True)
-    (tmp_path / "bin" / "squeue").write_text("#!/bin/bash\n" + script)
-    (tmp_path / "bin" / "squeue").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
-    (tmp_path / "slurm").mkdir(exist_ok=True)
-    (tmp_path / "slurm" / "jobs").write_text("41\n42\n")
-
-
-def test_slurm_guard_fails_closed(tmp_path, monkeypatch, capsys):
-    """Bad case 11: a controller that cannot be reached stops the sweep (SLURM_GUARD=off overrides)."""
-    fake_squeue(tmp_path, monkeypatch, 'echo "slurm_load_jobs error: Unable to contact slurm controller" >&2; exit 1')
-    with pytest.raises(SystemExit) as e:
-        sweep.slurm_guard(str(tmp_path), {})
-    assert e.value.code == 1 and "squeue cannot say whether they still run" in capsys.readouterr().err
-    sweep.slurm_guard(str(tmp_path), {"SLURM_GUARD": "off"})  # the user's override
-    fake_squeue(tmp_path, monkeypatch, 'echo 42; echo 99')
-    with pytest.raises(SystemExit):
-        sweep.slurm_guard(str(tmp_path), {})
-    assert "SLURM jobs 42, submitted earlier" in capsys.readouterr().err
-    fake_squeue(tmp_path, monkeypatch, 'echo 99')
-    sweep.slurm_guard(str(tmp_path), {})  # ours have ended
 
 
 def test_timing_rotates_the_method_order(tmp_path):
