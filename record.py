@@ -36,12 +36,29 @@ REQUIRED = ("config", "status", "metric", "final", "best", "epochs", "dev_labels
 CONFIG_KEYS = ("task", "method", "budget", "seed", "model")
 
 
+def field_notes(cls) -> dict[str, str]:
+    """Each field's comment in the class's source, for --help: the `# ...` after the field, continued on the
+    comment-only lines indented under it (a section's own comment sits at the fields' indent and is not)."""
+    notes, last = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        field_line = re.match(r"\s+(\w+): [^#]*#\s*(.*)$", line)
+        more = re.match(r"\s{5,}#\s*(.*)$", line)  # deeper than a field: a note's next line
+        if field_line:
+            last = field_line.group(1)
+            notes[last] = field_line.group(2)
+        elif more and last:
+            notes[last] += " " + more.group(1)
+        else:
+            last = None
+    return notes
+
+
 def parse_args(argv: list[str], cls, doc: str = ""):
     """`--field=value` for any field of the dataclass `cls`, typed from its defaults; `--help` lists them."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if any(a in ("-h", "--help") for a in argv):
         print(doc)
-        notes = dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))  # each field's comment
+        notes = field_notes(cls)
         for f in fields.values():
             print(f"  --{f.name}={f.default!r}".ljust(32) + f" {notes.get(f.name, '')}")
         sys.exit(0)
@@ -134,6 +151,41 @@ def environment(device: torch.device) -> dict:
             "transformers": transformers.__version__, "device": str(device), "threads": torch.get_num_threads(),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
             or platform.machine(), "cpu_count": os.cpu_count()}
+
+
+@contextmanager
+def failure_kept(result: dict, paths: dict, steps_done):
+    """Around a run: any failure (Ctrl-C too) writes <name>.error.json with how far it got (steps_done(): the
+    steps completed), says where the finished epochs are, and propagates."""
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as e:
+        result.update(status="error", error=f"{type(e).__name__}: {e}", steps_done=steps_done())
+        write_json(paths["error"], result)
+        if result["epochs"]:
+            print(f"epochs 1-{len(result['epochs'])} are kept in {paths['partial']}", file=sys.stderr)
+        raise
+
+
+def finish(run, result: dict, paths: dict, steps_done: int) -> dict:
+    """summarise() the finished run; on a full disk, say what was lost and leave a small .error.json if one
+    still fits."""
+    try:
+        return summarise(run, result, paths)
+    except FileExistsError:  # a finished run of this name appeared meanwhile: it stays (summarise)
+        raise
+    except OSError as e:
+        last = result["epochs"][-1]
+        print(f"the finished run's result was lost ({e}); its last epoch: accuracy {last['accuracy']:.4f}, "
+              f"MCC {last['mcc']:.4f}", file=sys.stderr)
+        epochs = [{k: v for k, v in ep.items() if k != "preds"} for ep in result["epochs"]]
+        small = {"config": result["config"], "status": "error", "error": f"could not write the result: {e}",
+                 "steps_done": steps_done, "epochs": epochs}
+        try:
+            write_json(paths["error"], small)
+        except OSError:
+            print(f"no room for {paths['error']} either", file=sys.stderr)
+        raise
 
 
 def summarise(run, result: dict, paths: dict) -> dict:

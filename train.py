@@ -1,11 +1,12 @@
-"""Fine-tune an encoder on GLUE SST-2 / CoLA with LoRA, AdaLoRA, FW-LoRA or the uniform-L2 ablation.
+"""Fine-tune an encoder on GLUE SST-2 / CoLA with one method: LoRA, AdaLoRA, FW-LoRA, its controls (l2lora,
+fwshuffle, fwmax, fwrank; fisher.py) or the head-only floor.
 
     python train.py --task=sst2 --method=fwlora --budget=0.2 --max_train=8000 --epochs=1 --lr=2e-3
     python train.py --help            # every Config field: default, unit and where the default comes from
 
 Top to bottom: Config, build_method(), prepare() (a run's whole state, `Run`), train_step(run, batch, step)
-(each method's extra work is one commented line where it acts), train(cfg): setup -> loop -> evaluate ->
-summarise -> write <name>.json (.partial.json per epoch, .error.json on failure; record.py).
+(each method's extra work is one commented line where it acts), run_epoch(), train(cfg): check -> prepare ->
+loop -> finish, which writes <name>.json (.partial.json per epoch, .error.json on failure: record.py).
 
 Random streams, all derived from `seed`: the global torch RNG (seeded once in prepare(): random models,
 adapter and head init, dropout); the training subset (Generator(seed), data.make_batches); the batch order
@@ -14,7 +15,6 @@ adapter and head init, dropout); the training subset (Generator(seed), data.make
 import dataclasses
 import itertools
 import math
-import os
 import re
 import signal
 import sys
@@ -29,7 +29,7 @@ from data import Batches, check_task, load_model, make_batches
 from fisher import LAMBDA, N_PROBES, WEIGHTING, FWLoRA, allocate_ranks, fisher_prepass, warmup_length
 from lora import (LoRALinear, adapter_params, count_base_params, freeze_base, inject, rank_for_budget,
                   target_names)
-from record import (METHODS, Clock, environment, metrics, parse_args, result_paths, run_name, summarise,
+from record import (METHODS, Clock, environment, failure_kept, finish, metrics, parse_args, result_paths,
                     write_json)
 
 @dataclass
@@ -163,7 +163,8 @@ def build_method(cfg: Config, model, total_steps: int, prepass=None) -> Method:
         info.update(ada_init_rank=r0, ada_target_total_rank=r * len(names), t_init=t_init, t_final=t_final)
     elif cfg.method == "head":  # the floor: no adapters, the head trained as in every method
         layers = {}
-    else:  # LoRA and the FW variants at rank r; fwrank at ranks r_m ∝ I_m with uniform LoRA's count (0: no adapter)
+    elif cfg.method in ("lora", "fwrank", *WEIGHTING):
+        # LoRA and the FW variants at rank r; fwrank at ranks r_m ∝ I_m with uniform LoRA's count (0: no adapter)
         ranks = dict.fromkeys(names, r)
         if cfg.method == "fwrank":
             F = torch.tensor(list(prepass(r, K).values()))
@@ -174,6 +175,8 @@ def build_method(cfg: Config, model, total_steps: int, prepass=None) -> Method:
         rank_of = {id(model.get_submodule(n)): k for n, k in ranks.items()}
         layers = inject(model, lambda lin: LoRALinear(lin, rank_of[id(lin)], cfg.lora_alpha, cfg.lora_dropout),
                         "|".join(re.escape(n) for n, k in ranks.items() if k > 0))
+    else:  # a method in record.NAMES without a branch here would otherwise train as something else
+        raise ValueError(f"build_method has no branch for method {cfg.method!r}: add one (README, Adding a method)")
     if cfg.method in WEIGHTING:
         fw = FWLoRA(list(layers.values()), warmup_steps=K, decay=cfg.fw_alpha, estimator=cfg.fw_estimator,
                     n_probes=cfg.fw_probes, weighting=WEIGHTING[cfg.method], form=cfg.fw_form, seed=cfg.seed)
@@ -301,31 +304,38 @@ def evaluate(run: Run) -> dict:
     return metrics(preds, run.dev_b.labels) | {"preds": preds.tolist()}
 
 
+def run_epoch(run: Run, epoch: int, step: int) -> int:
+    """One pass over the training set; returns the steps completed so far."""
+    cfg, fw = run.cfg, run.method.fw
+    bar = tqdm(run.epoch(epoch), total=len(run.train_b), desc=f"epoch {epoch + 1}", leave=False, disable=None)
+    for batch in bar:  # (moved to the device outside the clock)
+        loss, task_loss = train_step(run, batch, step)
+        step += 1
+        if step % cfg.log_every == 0:  # the loop's only host sync
+            check_finite(run)
+            bar.set_postfix(loss=f"{run.loss_sum.item() / run.n_loss:.4f}")
+            if fw and not fw.in_warmup:
+                run.penalty_log.append((step, task_loss.item(), (loss - task_loss).item()))
+    check_finite(run)
+    run.clock.collect()
+    return step
+
+
 def train(cfg: Config, data: tuple | None = None) -> dict:
     """Train one (task, method, budget, seed); return the result dict that is also written as JSON."""
     check_config(cfg)  # a rejected flag is not a run: no file (the sweep checks every run's flags up front)
     paths = result_paths(cfg)
     result = {"config": dataclasses.asdict(cfg), "status": "running", "epochs": []}
     step = 0
-    try:  # from here on every failure, before or during training, leaves <name>.error.json
+    with failure_kept(result, paths, lambda: step):  # any failure from here on leaves <name>.error.json
         run = prepare(cfg, data)
-        ada, fw, info = run.method.ada, run.method.fw, run.method.info
+        ada, info = run.method.ada, run.method.info
         result.update(budget=info, environment=environment(run.device))
-        print(f"{cfg.task} {cfg.method} budget {cfg.budget}%: rank {info.get('ada_init_rank', info['rank'])} on "
-              f"{info['n_matrices']} matrices, {info['initial_adapter_params']:,} adapter params"
+        print(f"{cfg.task} {cfg.method} budget {cfg.budget}%: rank {info.get('ada_init_rank', info['rank'])} "
+              f"on {info['n_matrices']} matrices, {info['initial_adapter_params']:,} adapter params"
               + (f" pruned to total rank {ada.b_target}" if ada else "") + f", {run.T} steps")
         for epoch in range(cfg.epochs):
-            bar = tqdm(run.epoch(epoch), total=len(run.train_b), desc=f"epoch {epoch + 1}", leave=False, disable=None)
-            for batch in bar:  # (moved to the device outside the clock)
-                loss, task_loss = train_step(run, batch, step)
-                step += 1
-                if step % cfg.log_every == 0:  # the loop's only host sync
-                    check_finite(run)
-                    bar.set_postfix(loss=f"{run.loss_sum.item() / run.n_loss:.4f}")
-                    if fw and not fw.in_warmup:
-                        run.penalty_log.append((step, task_loss.item(), (loss - task_loss).item()))
-            check_finite(run)
-            run.clock.collect()
+            step = run_epoch(run, epoch, step)
             dev, train_loss = evaluate(run), run.loss_sum.item() / run.n_loss
             result["epochs"].append({"epoch": epoch + 1, "train_loss": train_loss, **dev, "steps": step})
             print(f"epoch {epoch + 1}: train loss {train_loss:.4f}  dev accuracy {dev['accuracy']:.4f}  "
@@ -333,27 +343,7 @@ def train(cfg: Config, data: tuple | None = None) -> dict:
             write_json(paths["partial"], result)  # survives a crash: per-epoch metrics so far
         if ada and ada.calls != step:
             raise RuntimeError(f"the AdaLoRA allocator ran {ada.calls} times in {step} steps")
-    except (Exception, KeyboardInterrupt) as e:
-        result.update(status="error", error=f"{type(e).__name__}: {e}", steps_done=step)
-        write_json(paths["error"], result)
-        if result["epochs"]:
-            print(f"epochs 1-{len(result['epochs'])} are kept in {paths['partial']}", file=sys.stderr)
-        raise
-    try:
-        return summarise(run, result, paths)  # writes <name>.json (and the adapters if asked)
-    except OSError as e:  # a full disk: say what was lost, and leave a small .error.json if one still fits
-        if isinstance(e, FileExistsError):  # a finished run of this name appeared meanwhile: it stays (summarise)
-            raise
-        last = result["epochs"][-1]
-        print(f"the finished run's result was lost ({e}); its last epoch: accuracy {last['accuracy']:.4f}, MCC "
-              f"{last['mcc']:.4f}", file=sys.stderr)
-        small = {"config": result["config"], "status": "error", "error": f"could not write the result: {e}",
-                 "steps_done": step, "epochs": [{k: v for k, v in ep.items() if k != "preds"} for ep in result["epochs"]]}
-        try:
-            write_json(paths["error"], small)
-        except OSError:
-            print(f"no room for {paths['error']} either", file=sys.stderr)
-        raise
+    return finish(run, result, paths, step)  # writes <name>.json (and the adapters if asked)
 
 
 def main(argv: list[str]) -> int:

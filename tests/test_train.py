@@ -147,6 +147,7 @@ def test_gradients_are_clipped_before_the_step(tmp_path, monkeypatch, max_norm):
                                                                 .norm().item()), real_step()))
     for step, batch in zip(range(3), run.epoch(0)):
         train_step(run, batch, step)
+    assert len(norms) == 3  # one norm per step: the checks below are not over an empty list
     assert all(n <= 1e-3 * 1.0001 for n in norms) if max_norm else all(n > 1e-2 for n in norms)
 
 
@@ -314,3 +315,12 @@ def test_a_finished_run_written_meanwhile_is_kept(tmp_path, monkeypatch):
         train(tiny(tmp_path, epochs=1), toy_data())
     assert json.load(open(tmp_path / "sst2_lora_b0.5_s0.json")) == {"the": "other run"}
     assert (tmp_path / "sst2_lora_b0.5_s0.partial.json").exists()
+
+
+def test_a_method_without_a_build_branch_is_an_error(tmp_path, monkeypatch):
+    """A fork that adds a name to the method list but no branch in build_method gets an error naming it, not a
+    run of plain LoRA under the new name."""
+    import train
+    monkeypatch.setattr(train, "METHODS", train.METHODS + ("mymethod",))
+    with pytest.raises(ValueError, match="build_method has no branch for method 'mymethod'"):
+        train.train(tiny(tmp_path, method="mymethod"), toy_data())
