@@ -32,7 +32,6 @@ import torch
 
 from lora import LoRALinear, add_to_grads_, freeze_base, group_order, inject, shape_groups, stack_factors
 
-WEIGHTINGS = ("sum", "max", "uniform", "shuffle")  # fwlora (the hypothesis), fwmax, l2lora, fwshuffle
 WEIGHTING = {"fwlora": "sum", "l2lora": "uniform", "fwshuffle": "shuffle", "fwmax": "max"}  # the penalised methods
 N_PROBES = 64  # Rademacher probes per step: the fewest measured (16, 32, 64) that pass the gate (README)
 LAMBDA = 1e-4  # the hypothesis's λ: train.py's default; a run at another λ carries it in its name (record.run_name)
@@ -234,9 +233,9 @@ class FWLoRA:
                  n_probes: int = N_PROBES, weighting: str = "sum", form: str = "delta", seed: int = 0):
         if warmup_steps < 1:
             raise ValueError(f"FW-LoRA needs at least one warm-up step to score matrices, got {warmup_steps}")
-        if form not in ("delta", "factors") or weighting not in WEIGHTINGS:
+        if form not in ("delta", "factors") or weighting not in WEIGHTING.values():
             raise ValueError(f"fw_form must be 'delta' (‖ΔW‖²) or 'factors' (‖A‖²+‖B‖²), got {form!r}; "
-                             f"weighting one of {WEIGHTINGS}, got {weighting!r}")
+                             f"weighting one of {tuple(WEIGHTING.values())}, got {weighting!r}")
         self.layers, self.warmup_steps, self.weighting, self.form = layers, warmup_steps, weighting, form
         self.seed = seed
         self.fisher = FisherProxy(layers, decay=decay, estimator=estimator, n_probes=n_probes, seed=seed)

@@ -43,9 +43,11 @@ def test_schedule_matches_formula_and_never_increases():
     bs = [budget_schedule(g, b0, bT, T, ti, tf, dt) for g in range(T)]  # g = steps completed before this one
     assert bs[ti] == (b0, False)                          # g = t_init: no masking yet
     assert bs[T - tf] == (bT, (T - tf) % dt == 0)         # g = T - t_final: target reached
-    for g in (ti + 1, 250, 333, 599):
-        want = int(bT + (b0 - bT) * (1 - (g - ti) / (T - tf - ti)) ** 3)
-        assert bs[g] == (want, g % dt == 0)
+    # b = bT + (b0 − bT)(1 − (g − t_i)/(T − t_f − t_i))³, rounded down, worked by hand (T − t_f − t_i = 600):
+    # g = 101: 20 + 40·(599/600)³ = 59.80; 250: 20 + 40·0.75³ = 36.875; 333: 20 + 40·(367/600)³ = 29.15;
+    # 400: 20 + 40·0.5³ = 25 exactly; 599: 20 + 40·(1/600 + 1/6)³ = 20.19. Masks where g % ΔT == 0.
+    hand = {101: (59, False), 250: (36, True), 333: (29, False), 400: (25, True), 599: (20, False)}
+    assert {g: bs[g] for g in hand} == hand
     assert all(b == (bT, True) for b in bs[T - tf + 1:])  # final phase: mask every step
     assert all(a[0] >= b[0] for a, b in zip(bs, bs[1:]))  # never increases
     assert not any(m for _, m in bs[:ti + 1])
@@ -108,27 +110,27 @@ def test_schedule_guard_message():
         RankAllocator(layers, b_target=6, total_steps=10, t_init=5, t_final=5, delta_t=1)
 
 
-def test_ema_by_hand():
-    model, layers = ada_model()
-    alloc = RankAllocator(layers, b_target=6, total_steps=100, t_init=10, t_final=10, delta_t=5, beta1=0.8, beta2=0.7)
-    Ibar = [torch.zeros_like(p) for p in alloc.params]
-    Ubar = [torch.zeros_like(p) for p in alloc.params]
-    for seed in range(3):
-        for l in layers:
-            torch.nn.init.normal_(l.lora_E)  # so every entry has a gradient
-        model.zero_grad()
-        model(**tiny_batch(seed)).loss.backward()
+def test_ema_and_triplet_scores_by_hand():
+    """Two triplets of one 2 × 3 matrix: triplet 0's entries (row 0 of A, E_0, column 0 of B) are 1, triplet
+    1's are 2; every gradient is 2 on step 1 and 0.5 on step 2; β1 = 0.8, β2 = 0.7. Worked by hand, triplet 0:
+    step 1: I = 2, Ī = 0.2·2 = 0.4, Ū = 0.3·|2 − 0.4| = 0.48; step 2: I = 0.5, Ī = 0.8·0.4 + 0.2·0.5 = 0.42,
+    Ū = 0.7·0.48 + 0.3·|0.5 − 0.42| = 0.36; score per entry 0.42·0.36 = 0.1512, triplet 3·0.1512 = 0.4536.
+    Triplet 1 (I doubles): Ī = 0.84, Ū = 0.72, triplet 3·0.6048 = 1.8144."""
+    layer = AdaLoRALinear(torch.nn.Linear(3, 2), r=2, alpha=2.0)
+    alloc = RankAllocator([layer], b_target=1, total_steps=100, t_init=10, t_final=10, delta_t=5, beta1=0.8,
+                          beta2=0.7)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.tensor([[1.0, 1, 1], [2, 2, 2]]))  # r × d_in
+        layer.lora_E.copy_(torch.tensor([[1.0], [2]]))             # r × 1
+        layer.lora_B.copy_(torch.tensor([[1.0, 2], [1, 2]]))       # d_out × r
+    for g in (2.0, 0.5):
+        for p in alloc.params:
+            p.grad = torch.full_like(p, g)
         alloc.update_ipt()
-        for i, p in enumerate(alloc.params):
-            I = (p * p.grad).abs()
-            Ibar[i] = 0.8 * Ibar[i] + 0.2 * I
-            Ubar[i] = 0.7 * Ubar[i] + 0.3 * (I - Ibar[i]).abs()
-            torch.testing.assert_close(alloc.ema_ipt[i], Ibar[i])
-            torch.testing.assert_close(alloc.ema_unc[i], Ubar[i])
-    s = [a * u for a, u in zip(Ibar, Ubar)]
-    M = len(layers)
-    want = torch.cat([s[M + m].view(-1) + s[m].mean(1) + s[2 * M + m].mean(0) for m in range(M)])
-    torch.testing.assert_close(alloc.triplet_scores(), want)
+    torch.testing.assert_close(alloc.ema_ipt[1], torch.tensor([[0.42], [0.84]]))  # E's Ī
+    torch.testing.assert_close(alloc.ema_unc[1], torch.tensor([[0.36], [0.72]]))  # E's Ū
+    torch.testing.assert_close(alloc.ema_unc[0], torch.tensor([[0.36] * 3, [0.72] * 3]))  # A's Ū
+    torch.testing.assert_close(alloc.triplet_scores(), torch.tensor([0.4536, 1.8144]))
 
 
 @pytest.mark.parametrize("ties", [False, True])

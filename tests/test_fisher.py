@@ -8,7 +8,7 @@ import torch
 
 from helpers import lora_model, tiny_batch, tiny_model
 from fisher import DeltaWPenalty, FisherProxy, FWLoRA, sq_grad_norms
-from lora import LoRALinear, freeze_base, inject
+from lora import LoRALinear
 
 
 def test_exact_statistic_equals_autograd_weight_gradient():

@@ -88,8 +88,9 @@ def test_budget_rule_on_a_real_roberta_base():
         model = load_model("random-roberta-base")[0]
     n_base, names = count_base_params(model), target_names(model)
     shapes = [tuple(model.get_submodule(n).weight.shape) for n in names]
-    assert len(names) == 72 and sum(a + b for a, b in shapes) == 165_888  # REFERENCE.md §4
-    assert n_base == 124_055_040  # REFERENCE.md §4: 124.6M less the classification head (and no pooler)
+    # 12 layers × (4 attention matrices of 768 + 768, FFN in and out of 768 + 3072) = 165,888 per unit of rank
+    assert len(names) == 72 and sum(a + b for a, b in shapes) == 165_888
+    assert n_base == 124_055_040  # roberta-base: 124.6M less the classification head (and no pooler)
     assert [rank_for_budget(b, n_base, shapes) for b in (0.1, 0.2, 0.5)] == [1, 2, 4]  # three distinct ranks
     with pytest.raises(ValueError, match="below half of rank 1"):
         rank_for_budget(0.05, n_base, shapes)
