@@ -1,23 +1,30 @@
-"""AdaLoRA (Zhang et al., ICLR 2023), as the official code (QingruZhang/AdaLoRA, loralib/adalora.py) behaves.
+"""AdaLoRA (Zhang et al., ICLR 2023), as the official code behaves (QingruZhang/AdaLoRA,
+loralib/adalora.py).
 
-  ΔW = B · (A ⊙ E) · alpha / r_init           A: r × d_in, E: r × 1 ("singular values"), B: d_out × r (eq. 3)
-  I(p) = |p · ∂L/∂p|;  Ī <- β1·Ī + (1-β1)·I;  Ū <- β2·Ū + (1-β2)·|I - Ī|;  s(p) = Ī·Ū        (eq. 8-10)
-  triplet i of matrix m: S = s(E_i) + mean_j s(A_ij) + mean_k s(B_ki)                         (eq. 11)
-  keep the b(t) best triplets over all matrices, zeroing E of the rest; b(t) is cubic in t    (eq. 12)
-  loss += γ · mean over A and B of ‖AAᵀ - I‖_F, ‖BᵀB - I‖_F   (not squared, every step)       (eq. 4)
+  ΔW = B · (A ⊙ E) · alpha / r_init                                                (eq. 3)
+       A: r × d_in, E: r × 1 ("singular values"), B: d_out × r
+  I(p) = |p · ∂L/∂p|;  Ī <- β1·Ī + (1-β1)·I;  Ū <- β2·Ū + (1-β2)·|I - Ī|;  s(p) = Ī·Ū  (eq. 8-10)
+  triplet i of matrix m: S = s(E_i) + mean_j s(A_ij) + mean_k s(B_ki)              (eq. 11)
+  keep the b(t) best triplets of all matrices, zeroing E of the rest; b(t) cubic    (eq. 12)
+  loss += γ · mean over A and B of ‖AAᵀ - I‖_F, ‖BᵀB - I‖_F (not squared, each step) (eq. 4)
 
 Where the paper and the official code differ, this follows the code (and says so where it happens).
 peft calls t_init/t_final/delta_t `tinit`/`tfinal`/`deltaT`.
-Step index: the official trainer calls the allocator with HF's `global_step` *before* incrementing it, the
-number of optimiser steps completed before this one (0 on the first step); so does peft's example. Every
-`step` in this file is that count: with t_init = 6 and delta_t = 4 the first mask falls on the 9th step.
-One deliberate change: the official mask zeroes every triplet whose score is <= the k-th smallest, so tied
-scores prune more than scheduled; here ties are broken by position and exactly b(t) triplets stay. Scores
-are read after an EMA update that used the stepped E, so in normal training no two are equal; ties need
-exactly-zero gradients (e.g. a matrix that no example reached), and only then does this differ.
-Speed: the score EMAs are a handful of multi-tensor (torch._foreach_*) ops over every A, E, B at once;
-the ranking runs only on masking steps, and in the final phase (frozen scores) the mask is cached.
-Tests: `python -m pytest tests/test_adalora.py`.
+
+Step index: the official trainer calls the allocator with HF's `global_step` *before* incrementing
+it, the number of optimiser steps completed before this one (0 on the first step); so does peft's
+example. Every `step` in this file is that count: with t_init = 6 and delta_t = 4 the first mask
+falls on the 9th step.
+
+One deliberate change: the official mask zeroes every triplet whose score is <= the k-th smallest,
+so tied scores prune more than scheduled; here ties are broken by position and exactly b(t) triplets
+stay. Scores are read after an EMA update that used the stepped E, so in normal training no two are
+equal; ties need exactly-zero gradients (e.g. a matrix that no example reached), and only then does
+this differ.
+
+Speed: the score EMAs are a handful of multi-tensor (torch._foreach_*) ops over every A, E, B at
+once; the ranking runs only on masking steps, and in the final phase (frozen scores) the mask is
+cached. Tests: `python -m pytest tests/test_adalora.py`.
 """
 import math
 
@@ -32,7 +39,7 @@ class AdaLoRALinear(LoRALinear):
     """LoRALinear with an SVD-shaped update: adds lora_E; the divisor stays the initial rank."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
-        super().__init__(base, r, alpha, dropout)  # scaling = alpha / r_init, never rescaled (official)
+        super().__init__(base, r, alpha, dropout)  # scaling = alpha / r_init, never rescaled
         self.lora_E = nn.Parameter(torch.zeros_like(self.lora_A[:, :1]))  # r × 1, starts at 0
         nn.init.normal_(self.lora_A, mean=0.0, std=0.02)  # official init, unlike LoRA's
         nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
@@ -46,13 +53,14 @@ class AdaLoRALinear(LoRALinear):
         return self.scaling * (self.lora_B.float() @ (self.lora_A.float() * self.lora_E.float()))
 
     def lora_path(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(self.lora_dropout(x), self.lora_A * self.lora_E) * self.scaling, self.lora_B)
+        h = F.linear(self.lora_dropout(x), self.lora_A * self.lora_E) * self.scaling  # ... × r
+        return F.linear(h, self.lora_B)
 
 
 def orth_regularizer(groups: list[list]) -> torch.Tensor:
     """Σ ‖AAᵀ - I‖_F + ‖BᵀB - I‖_F divided by the number of factors (2M), as the official code does.
 
-    `groups` is lora.shape_groups(layers): one batched Gram per shape, not two small kernels per matrix.
+    `groups` is lora.shape_groups(layers): one batched Gram per shape, not two kernels per matrix.
     """
     total, n = 0.0, 0
     for ls in groups:
@@ -70,10 +78,14 @@ EYES: dict = {}  # (r, device, dtype) -> the identity: made once, not every step
 
 @torch.no_grad()
 def add_orth_grad_(groups: list[list], gamma: float) -> torch.Tensor:
-    """After backward: add the gradient of γ·orth_regularizer(groups) to every A and B .grad; return its value.
-    ∇_A ‖AAᵀ - I‖_F = 2(AAᵀ - I)A / ‖AAᵀ - I‖_F and ∇_B ‖BᵀB - I‖_F = 2B(BᵀB - I) / ‖BᵀB - I‖_F (0 where the
-    norm is 0, as autograd's). Batched per shape group with one multi-tensor add per factor: no second gradient
-    sent back through a stack into each of the 2M factors."""
+    """After backward: add the gradient of γ·orth_regularizer(groups) to every A and B .grad;
+    return its value.
+
+        ∇_A ‖AAᵀ - I‖_F = 2(AAᵀ - I)A / ‖AAᵀ - I‖_F
+        ∇_B ‖BᵀB - I‖_F = 2B(BᵀB - I) / ‖BᵀB - I‖_F
+
+    (0 where the norm is 0, as autograd's). Batched per shape group with one multi-tensor add per
+    factor: no second gradient sent back through a stack into each of the 2M factors."""
     n = 2 * sum(len(ls) for ls in groups)
     total = 0.0
     for ls in groups:
@@ -93,10 +105,11 @@ def add_orth_grad_(groups: list[list], gamma: float) -> torch.Tensor:
 
 
 def check_schedule(total_steps: int, t_init: int, t_final: int, delta_t: int) -> None:
-    """Fail before training on a schedule that has no decreasing phase or cannot end at the target budget."""
-    if total_steps < 3:  # the shortest schedule that ends at its target: t_init = 0, t_final = 2, T = 3
-        raise ValueError(f"AdaLoRA needs at least 3 optimiser steps, this run has T={total_steps}: train longer "
-                         "(more --epochs or --max_train, or a smaller --batch_size)")
+    """Fail before training on a schedule with no decreasing phase, or one that cannot end at the
+    target budget."""
+    if total_steps < 3:  # the shortest schedule that ends at its target: t_init 0, t_final 2, T 3
+        raise ValueError(f"AdaLoRA needs at least 3 optimiser steps, this run has T={total_steps}: "
+                         "train longer (more --epochs or --max_train, or a smaller --batch_size)")
     if total_steps <= t_init + t_final:
         raise ValueError(f"AdaLoRA needs total steps T > t_init + t_final, got T={total_steps}, "
                          f"t_init={t_init}, t_final={t_final}: lower --ada_t_init or --ada_t_final "
@@ -104,16 +117,18 @@ def check_schedule(total_steps: int, t_init: int, t_final: int, delta_t: int) ->
     last = total_steps - 1  # the last step's index (steps completed before it)
     in_final_phase, target_reached = last > total_steps - t_final, last == total_steps - t_final
     if not (in_final_phase or (target_reached and last % delta_t == 0)):
-        raise ValueError(f"AdaLoRA's last step (index {last}) would not mask to the target budget with "
-                         f"T={total_steps}, t_final={t_final}, delta_t={delta_t}: raise --ada_t_final to "
-                         f"at least 2" + (f" and lower --ada_t_init to at most {total_steps - 3}" if t_init + 2 >=
-                                          total_steps else "") + " (or train longer) so the run ends at exactly its "
-                         "target rank")
+        also = ""
+        if t_init + 2 >= total_steps:
+            also = f" and lower --ada_t_init to at most {total_steps - 3}"
+        raise ValueError(f"AdaLoRA's last step (index {last}) would not mask to the target budget "
+                         f"with T={total_steps}, t_final={t_final}, delta_t={delta_t}: raise "
+                         f"--ada_t_final to at least 2{also} (or train longer) so the run ends at "
+                         "exactly its target rank")
 
 
 def budget_schedule(step: int, b0: int, b_target: int, total_steps: int, t_init: int, t_final: int,
                     delta_t: int) -> tuple[int, bool]:
-    """(total rank b(t), mask now?) at `step` = optimiser steps completed before this one (official).
+    """(total rank b(t), mask now?) at `step` = optimiser steps completed before it (official).
 
     The paper prints an extra t_final in the numerator of the cubic; the code's form reaches b_target
     exactly at T - t_final and is used here.
@@ -136,15 +151,18 @@ class RankAllocator:
         self.ranks0 = [l.r for l in layers]
         self.b0 = sum(self.ranks0)
         if not 1 <= b_target <= self.b0:
-            raise ValueError(f"AdaLoRA target total rank {b_target} must lie in [1, initial {self.b0}]")
-        self.b_target, self.T, self.t_init, self.t_final, self.delta_t = b_target, total_steps, t_init, t_final, delta_t
+            raise ValueError(f"AdaLoRA target total rank {b_target} must lie in [1, initial "
+                             f"{self.b0}]")
+        self.b_target, self.T = b_target, total_steps
+        self.t_init, self.t_final, self.delta_t = t_init, t_final, delta_t
         self.beta1, self.beta2 = beta1, beta2
-        self.params = [l.lora_A for l in layers] + [l.lora_E for l in layers] + [l.lora_B for l in layers]
+        self.params = ([l.lora_A for l in layers] + [l.lora_E for l in layers]
+                       + [l.lora_B for l in layers])  # A of every matrix, then every E, then every B
         # State is created like the parameters it serves (device, dtype): build it after the model's move.
         self.ema_ipt = [torch.zeros_like(p) for p in self.params]  # Ī
         self.ema_unc = [torch.zeros_like(p) for p in self.params]  # Ū
         self.keep = [torch.ones_like(l.lora_E) for l in layers]     # last mask applied (1 = kept)
-        self.final_keep = None                                       # cached mask of the final phase
+        self.final_keep = None                                       # the final phase's mask
         self.groups = shape_groups(layers)
         self.calls = 0
 
@@ -189,7 +207,8 @@ class RankAllocator:
         self.calls += 1
         if step < self.T - self.t_final:  # the EMAs see steps 1 … T - t_final; frozen after (official)
             self.update_ipt()
-        b, mask_now = budget_schedule(step, self.b0, self.b_target, self.T, self.t_init, self.t_final, self.delta_t)
+        b, mask_now = budget_schedule(step, self.b0, self.b_target, self.T, self.t_init, self.t_final,
+                                      self.delta_t)
         if mask_now:
             if step > self.T - self.t_final:  # frozen scores and budget: the same mask every step
                 if self.final_keep is None:

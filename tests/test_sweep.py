@@ -95,7 +95,13 @@ def test_sigterm_stops_parallel_runs_and_resume_finishes_without_redoing(tmp_pat
     from train import Config, train  # forked workers give the in-process results, bit for bit
     spec = (f"--model=tiny-bert --max_train=128 --max_eval=64 {LONG} --lr=2e-3 --task=sst2 --budget=0.5 "
             f"--out_dir={tmp_path / 'serial'} --method=fwlora")
-    serial = train(parse_args(spec.split(), Config))
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // 2))  # as each of JOBS=2 runs had: same sums
+    try:
+        serial = train(parse_args(spec.split(), Config))
+    finally:
+        torch.set_num_threads(threads)
     assert json.load(open(tmp_path / "sst2_fwlora_b0.5_s0.json"))["epochs"] == serial["epochs"]
 
 
