@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import mpnet
+from helpers import MPNET_BASE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = bytes(range(256)) * 40  # the fake model.safetensors
@@ -174,6 +175,7 @@ def test_the_real_wheels_give_mpnet_with_roberta_base_shapes():
     names = target_names(model)
     assert len(names) == 72 and {tuple(model.get_submodule(n).weight.shape) for n in names} == {
         (768, 768), (3072, 768), (768, 3072)}
+    assert {k: getattr(model.config, k) for k in MPNET_BASE} == MPNET_BASE  # the budget test's config is this one
     assert count_base_params(model) == 108_895_872 and tok.pad_token_id == model.config.pad_token_id == 1
     assert sorted(n for n, _ in model.named_parameters() if is_head(n)) == [
         "classifier.dense.bias", "classifier.dense.weight", "classifier.out_proj.bias", "classifier.out_proj.weight"]
