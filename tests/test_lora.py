@@ -5,12 +5,12 @@ import os
 import pytest
 import torch
 
-from helpers import lora_model, tiny_batch, tiny_model
+from helpers import MPNET_BASE, lora_model, tiny_batch, tiny_model
 from lora import (LoRALinear, adapter_params, count_base_params, freeze_base, inject, is_head, load_adapters,
                   rank_for_budget, save_adapters, target_names)
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "mpnet"])
 def test_init_output_equals_base_exactly(kind):
     base, batch = tiny_model(kind), tiny_batch()
     ref = base(**batch).logits
@@ -62,14 +62,19 @@ def test_merge_idempotent_and_matches_unmerged():
     assert not any(l.merged for l in layers)
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta"])
+SIX = {"bert": ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                "intermediate.dense", "output.dense"],
+       "mpnet": ["attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o", "intermediate.dense",
+                 "output.dense"]}
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "mpnet"])
 def test_injection_hits_exactly_the_six_matrices(kind):
     model = tiny_model(kind)
     names = target_names(model)
     assert len(names) == 6 * 2
     suffixes = sorted({n.split(".layer.0.", 1)[1] for n in names if ".layer.0." in n})
-    assert suffixes == sorted(["attention.self.query", "attention.self.key", "attention.self.value",
-                               "attention.output.dense", "intermediate.dense", "output.dense"])
+    assert suffixes == sorted(SIX["mpnet" if kind == "mpnet" else "bert"])  # RoBERTa names them as BERT
     layers = inject(model, lambda lin: LoRALinear(lin, 2, 4.0))
     wrapped = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     assert wrapped == set(names) == set(layers)
@@ -99,6 +104,20 @@ def test_budget_rule_on_a_real_roberta_base():
             rank_for_budget(bad, n_base, shapes)
     with pytest.raises(ValueError, match="smallest matrix side"):
         rank_for_budget(400, n_base, shapes)
+
+
+def test_budget_rule_on_mpnet_base():
+    """all-mpnet-base-v2's config (helpers.MPNET_BASE; the slow test in test_mpnet.py checks it against the real
+    folder) on the meta device: roberta-base's 72 matrices, 108,895,872 base parameters, r = 1, 2, 4."""
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+    with torch.device("meta"):
+        model = MPNetForSequenceClassification(MPNetConfig(num_labels=2, **MPNET_BASE))
+    n_base, names = count_base_params(model), target_names(model)
+    shapes = [tuple(model.get_submodule(n).weight.shape) for n in names]
+    assert len(names) == 72 and sum(a + b for a, b in shapes) == 165_888  # as roberta-base's
+    assert n_base == 108_895_872  # the head (classifier.dense, classifier.out_proj) left out; no pooler
+    assert sum(p.numel() for n, p in model.named_parameters() if is_head(n)) == 768 * 768 + 768 + 2 * 768 + 2
+    assert [rank_for_budget(b, n_base, shapes) for b in (0.1, 0.2, 0.5)] == [1, 2, 4]  # 0.66, 1.31, 3.28 units
 
 
 def test_budget_count_matches_formula_at_each_budget():

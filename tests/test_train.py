@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from helpers import tiny, toy_data
-from record import parse_args
+from helpers import tiny, tiny_model, toy_data
+from record import METHODS, parse_args
 from train import Config, prepare, train, train_step
 
 
@@ -179,6 +179,44 @@ def test_every_method_under_bf16_autocast(tmp_path, method):
     assert all(p.dtype == torch.float32 for n, p in run.model.named_parameters() if "lora_" in n)  # masters fp32
     with run.autocast():
         assert run.model(**next(run.epoch(0))).logits.dtype == torch.bfloat16
+
+
+@pytest.fixture
+def tiny_mpnet(monkeypatch):
+    """train.prepare() loads a tiny random MPNet (helpers.tiny_model) whatever --model says."""
+    import train as train_module
+    monkeypatch.setattr(train_module, "load_model", lambda name: (tiny_model("mpnet"), None))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_adapts_mpnets_six_matrices_and_trains_its_head(tmp_path, tiny_mpnet, method):
+    """MPNet's module names (attention.attn.{q,k,v,o}, intermediate.dense, output.dense): every method adapts them
+    (fwrank those it gives a rank), the head (classifier.dense, classifier.out_proj) trains and is not counted."""
+    run = prepare(tiny(tmp_path, model="mpnet", method=method, budget=10.0, epochs=1, fw_warmup_steps=2, ada_t_init=1,
+                       ada_t_final=2, ada_delta_t=1), toy_data(n_train=6 * 32))  # 10%: rank 2 at hidden 16
+    suffixes = {n.split(".layer.")[1].split(".", 1)[1] for n in run.method.layers}
+    assert suffixes <= {"attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o",
+                        "intermediate.dense", "output.dense"}
+    if method == "fwrank":  # ranks from the pre-pass: a matrix may get none
+        assert 0 < len(run.method.layers) <= 12
+    else:
+        assert len(run.method.layers) == (0 if method == "head" else 12)
+    head = {n for n, p in run.model.named_parameters() if n.startswith("classifier.")}
+    trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
+    assert head == {f"classifier.{m}.{w}" for m in ("dense", "out_proj") for w in ("weight", "bias")} <= trainable
+    assert all("lora_" in n for n in trainable - head)
+    n_all = sum(p.numel() for n, p in tiny_model("mpnet").named_parameters())
+    assert run.method.info["n_base_params"] == n_all - (16 * 16 + 16) - (16 * 2 + 2)  # less the head
+    for step, batch in enumerate(run.epoch(0)):
+        assert torch.isfinite(train_step(run, batch, step)[0])
+    assert [n for n, l in run.method.layers.items() if not l.lora_B.abs().sum() > 0] == []  # every adapter trained
+
+
+def test_max_length_counts_mpnets_positions_after_the_pad_id(tmp_path, tiny_mpnet):
+    """130 position embeddings, pad id 1: ids start at 2, so 128 tokens fit (as MPNet's and RoBERTa's 514 give 512)."""
+    prepare(tiny(tmp_path, model="mpnet", budget=10.0, max_length=128), toy_data())
+    with pytest.raises(ValueError, match="--max_length=129 exceeds mpnet's 128 positions: use at most 128"):
+        prepare(tiny(tmp_path, model="mpnet", budget=10.0, max_length=129), toy_data())
 
 
 def test_fwlora_with_zero_lambda_follows_lora_exactly(tmp_path):
