@@ -7,11 +7,10 @@ A LoRALinear *wraps* a frozen nn.Linear (composition, as lit-gpt does) and adds 
 idempotent; nothing merges as a side effect of train()/eval() (loralib's eval() override did and
 was never called). Every adapter parameter is named `lora_*`, so freezing and saving are one filter.
 
-Also here: swapping named modules for adapters, freezing, the budget rule (percent -> rank) and
-adapter-only save/load with safetensors. Run the tests: `python -m pytest tests/test_lora.py`.
+Also here: swapping named modules for adapters, freezing and the budget rule (percent -> rank); saving and
+loading adapters is adapters.py. Run the tests: `python -m pytest tests/test_lora.py`.
 """
 import math
-import os
 import re
 
 import torch
@@ -177,59 +176,3 @@ def add_to_grads_(params: list, grads: torch.Tensor) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     torch._foreach_add_([p.grad for p in params], list(grads.unbind(0)))
-
-
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter and head tensors only: what a fine-tune adds to the pretrained model."""
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if "lora_" in n or is_head(n)}
-
-
-def state_digest(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over the tensors' names and bytes, in name order: a file whose header survived but whose tensor
-    bytes did not (zeroed, truncated and padded) no longer matches it."""
-    import hashlib
-    h = hashlib.sha256()
-    for n in sorted(state):
-        h.update(n.encode())
-        h.update(state[n].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def save_adapters(model: nn.Module, path: str, meta: dict) -> None:
-    """Adapters and head (safetensors, not pickle: loading runs no code), with `meta` (task, method, rank,
-    alpha, targets) and the tensors' digest in the file's header, so a loader can refuse a file made for another
-    setup, or damaged. Written 0644 like the JSON results (safetensors itself leaves 0600)."""
-    from safetensors.torch import save_file
-    state = adapter_state(model)
-    save_file(state, path, metadata={k: str(v) for k, v in meta.items()} | {"sha256": state_digest(state)})
-    os.chmod(path, 0o644)
-
-
-def load_adapters(model: nn.Module, path: str, expect: dict, check_meta: bool = True) -> dict:
-    """Load a save_adapters() file into `model`; returns the header. Always checked: the tensors' digest, and
-    the names and shapes against the model. `expect`: the header entries this use needs (e.g. task, method,
-    rank, lora_alpha, as save_adapters wrote them); the model's own LoRA alpha is added to them. A missing or
-    different entry is an error unless check_meta=False (the caller knows the file is right for this use)."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error type for a file that is not safetensors
-        raise ValueError(f"{path}: not a readable safetensors adapter file ({e})") from None
-    if meta.get("sha256") != state_digest(state):
-        raise ValueError(f"{path}: its tensors do not match the digest in its header (damaged, or not written by "
-                         "save_adapters): save the adapters again")
-    alphas = {m.alpha for m in model.modules() if hasattr(m, "lora_A")}
-    expect = ({"lora_alpha": alphas.pop()} if len(alphas) == 1 else {}) | dict(expect)
-    wrong = [f"{k} {meta.get(k, '(absent)')!r} (want {str(v)!r})" for k, v in expect.items() if meta.get(k) != str(v)]
-    if wrong and check_meta:
-        raise ValueError(f"{path} was saved for another setup: {', '.join(wrong)}; pass check_meta=False only if "
-                         "you know it fits this use")
-    want = adapter_state(model)
-    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    other = [n for n in set(want) & set(state) if want[n].shape != state[n].shape]
-    if missing or extra or other:
-        raise ValueError(f"{path} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}, "
-                         f"other shape {other[:3]} (was it saved with another method, rank or target set?)")
-    model.load_state_dict(state, strict=False)
-    return meta

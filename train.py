@@ -3,6 +3,7 @@ fwshuffle, fwmax, fwrank; fisher.py) or the head-only floor.
 
     python train.py --task=sst2 --method=fwlora --budget=0.2 --max_train=8000 --epochs=1 --lr=2e-3
     python train.py --help            # every Config field: default, unit and where the default comes from
+    python train.py --model=M --task=T --eval_adapters=results/<run>.peft   # a saved run's adapters on dev
 
 Top to bottom: Config, build_method(), prepare() (a run's whole state, `Run`), train_step(run, batch, step)
 (each method's extra work is one commented line where it acts), run_epoch(), train(cfg): check -> prepare ->
@@ -20,12 +21,14 @@ import signal
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
 
 from adalora import AdaLoRALinear, RankAllocator, ada_initial_rank, check_schedule
-from data import Batches, check_task, load_model, make_batches
+from adapters import load_peft
+from data import RANDOM_MODELS, TASKS, Batches, check_task, load_model, make_batches
 from fisher import LAMBDA, N_PROBES, WEIGHTING, FWLoRA, allocate_ranks, fisher_prepass, warmup_length
 from lora import (LoRALinear, adapter_params, count_base_params, freeze_base, inject, rank_for_budget,
                   target_names)
@@ -79,7 +82,8 @@ class Config:
     precision: str = "auto"       # auto (bf16 on CUDA, fp32 on CPU) | bf16 (autocast; weights, adapters, statistics stay fp32) | fp32
     log_every: int = 20           # steps between loss readouts (the only host syncs in the loop)
     timing_skip: int = 5          # first steps left out of ms/step (allocator and cache warm-up)
-    save_adapters: bool = False   # also write <name>.safetensors (adapters + head only)
+    save_adapters: bool = False   # also write <name>.safetensors (adapters + head) and <name>.peft/ (peft's format)
+    eval_adapters: str = ""       # a <name>.peft folder: its adapters on --model, scored on --task's dev; no training
     overwrite: bool = False       # replace a finished result of the same name (otherwise an error)
 
 
@@ -347,12 +351,40 @@ def train(cfg: Config, data: tuple | None = None) -> dict:
     return finish(run, result, paths, step)  # writes <name>.json (and the adapters if asked)
 
 
+def evaluate_adapters(cfg: Config) -> dict:
+    """--eval_adapters=FOLDER: a saved peft folder's adapters and head on --model, scored on --task's
+    dev set (or --heldout); the folder must be saved for that model and task. Trains and writes nothing."""
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # as prepare(): a random model (tiny-bert) is the run's with its seed
+    model, tok = load_model(cfg.model)
+    expect = {"task": cfg.task, "model": cfg.model}
+    if cfg.model in RANDOM_MODELS:
+        expect["seed"] = cfg.seed
+    saved = load_peft(model, cfg.eval_adapters, expect)
+    _, dev_b = make_batches(cfg.task, cfg.glue_dir, tok, cfg.max_length, cfg.batch_size,
+                            1, cfg.max_eval, cfg.seed, cfg.heldout)  # max_train 1: train is unused
+    autocast = autocast_for(device, cfg.precision)
+    run = SimpleNamespace(model=model.to(device), dev_b=dev_b, device=device, autocast=autocast)
+    dev = evaluate(run)
+    metric = TASKS[cfg.task][1]
+    split = "held-out" if cfg.heldout else "dev"
+    its = f" on its first {saved['max_eval']}" if saved.get("max_eval") else ""
+    print(f"{cfg.eval_adapters} ({saved['method']}): {metric} {dev[metric]:.4f} on "
+          f"{len(dev_b.labels)} {split} examples; the run recorded {saved['final']:.4f}{its}")
+    return dev
+
+
 def main(argv: list[str]) -> int:
     """train.py's command line (the sweep's workers call it too): a one-line error and exit 1 on bad input or a
     failed run, 130 when stopped; the .error.json says how far it got."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (the sweep stopping) as Ctrl-C
+    cfg = parse_args(argv, Config, __doc__)
     try:
-        train(parse_args(argv, Config, __doc__))
+        if cfg.eval_adapters:
+            evaluate_adapters(cfg)
+        else:
+            train(cfg)
     except (ValueError, RuntimeError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -362,3 +362,66 @@ def test_a_method_without_a_build_branch_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "METHODS", train.METHODS + ("mymethod",))
     with pytest.raises(ValueError, match="build_method has no branch for method 'mymethod'"):
         train.train(tiny(tmp_path, method="mymethod"), toy_data())
+
+
+@pytest.mark.parametrize("fails", ["sst2_lora_b0.5_s0.safetensors", "adapter_model.safetensors"])
+def test_bad_case_6_adapters_are_written_atomically(tmp_path, monkeypatch, capsys, fails):
+    """Issue 31, bad case 6: adapters were written with save_file on the final path; a full disk gave a
+    traceback, no .error.json and no 'its last epoch' line. Now they go through record.write_file (the
+    project's file; each file of the .peft folder, written into a temp folder renamed at the end): the
+    result's handling."""
+    import errno
+    import record
+    real = record.write_file
+
+    def full_for(path, write, mode="w"):
+        def half(f):
+            f.write(b"\0" * 8)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, half if path.endswith(fails) else write, mode)
+    monkeypatch.setattr(record, "write_file", full_for)
+    written = r"could not write .*sst2_lora_b0.5_s0.(safetensors|peft): No space left"
+    with pytest.raises(OSError, match=written):
+        train(tiny(tmp_path, epochs=1, save_adapters=True), toy_data())
+    left = {"sst2_lora_b0.5_s0.error.json", "sst2_lora_b0.5_s0.partial.json"}
+    if fails == "adapter_model.safetensors":  # the project's file was written before the folder
+        left.add("sst2_lora_b0.5_s0.safetensors")
+    assert set(os.listdir(tmp_path)) == left  # no temp file or folder, no half folder
+    assert json.load(open(tmp_path / "sst2_lora_b0.5_s0.error.json"))["status"] == "error"
+    assert "its last epoch: accuracy" in capsys.readouterr().err
+
+
+def test_save_adapters_writes_a_peft_folder_and_the_head_method_says_it_has_none(tmp_path, capsys):
+    train(tiny(tmp_path, epochs=1, save_adapters=True), toy_data())
+    folder = tmp_path / "sst2_lora_b0.5_s0.peft"
+    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+    record = json.load(open(folder / "adapter_config.json"))["fwlora"]
+    result = json.load(open(tmp_path / "sst2_lora_b0.5_s0.json"))
+    what = (record["task"], record["method"], record["model"], record["final"])
+    assert what == ("sst2", "lora", "tiny-bert", result["final"])
+    assert record["budget"]["adapter_params"] == result["budget"]["adapter_params"] > 0
+    train(tiny(tmp_path, epochs=1, method="head", save_adapters=True), toy_data())
+    assert "head has no adapters: no " in capsys.readouterr().out
+    assert not (tmp_path / "sst2_head_b0.5_s0.peft").exists()
+    assert (tmp_path / "sst2_head_b0.5_s0.safetensors").exists()
+
+
+def test_eval_adapters_scores_a_saved_folder_as_the_run_did(tmp_path, capsys):
+    """`train.py --eval_adapters=FOLDER`: the saved adapters on the same dev examples give the run's
+    own metric; a folder saved for another task is a one-line error, exit 1."""
+    from train import main
+    run = ["--model=tiny-bert", "--max_train=64", "--max_eval=32", "--epochs=1",
+           f"--out_dir={tmp_path}"]
+    assert main(run + ["--save_adapters=true"]) == 0
+    final = json.load(open(tmp_path / "sst2_lora_b0.2_s0.json"))["final"]
+    capsys.readouterr()
+    folder = f"--eval_adapters={tmp_path}/sst2_lora_b0.2_s0.peft"
+    assert main(["--model=tiny-bert", "--max_eval=32", folder]) == 0
+    said = capsys.readouterr().out
+    assert f"accuracy {final:.4f} on 32 dev examples; the run recorded {final:.4f} on its first 32" in said
+    assert main(["--model=tiny-bert", "--task=cola", folder]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was saved for another setup: task 'sst2' (want 'cola')" in err
+    file = f"--eval_adapters={tmp_path}/sst2_lora_b0.2_s0.safetensors"  # the project's file
+    assert main(["--model=tiny-bert", file]) == 1
+    assert "s0.safetensors is a file, not a peft adapter folder" in capsys.readouterr().err
