@@ -18,6 +18,11 @@ def test_parse_args_types_errors_and_help(capsys):
     for bad in (["--nope=1"], ["--epochs=two"], ["lr=1"], ["--save_adapters=maybe"], ["--lr=1", "--lr=2"]):
         with pytest.raises(SystemExit):
             parse_args(bad, Config)
+    for bad in ("--lr=1_0", "--epochs=\u0661\u0660", "--lr= 1e-3"):  # Issue 31, unclear: int() takes these
+        with pytest.raises(SystemExit, match="in plain ASCII digits"):
+            parse_args([bad], Config)
+    cfg = parse_args(["--lr=.5", "--seed=+3", "--ada_t_init=-1", "--fw_lambda=1E-5"], Config)
+    assert (cfg.lr, cfg.seed, cfg.ada_t_init, cfg.fw_lambda) == (0.5, 3, -1, 1e-5)  # plain numerals still pass
     with pytest.raises(SystemExit):
         parse_args(["--help"], Config)
     out = capsys.readouterr().out
@@ -34,7 +39,8 @@ def test_parse_args_types_errors_and_help(capsys):
     (dict(fw_lambda=-1.0), r"--fw_lambda=-1.0 is out of range: it must be in \[0, inf\)"),
     (dict(warmup_ratio=-1.0), r"--warmup_ratio=-1.0 is out of range: it must be in \[0, 1\)"),
     (dict(warmup_ratio=float("nan")), "--warmup_ratio=nan is out of range"),
-    (dict(lora_alpha=0.0), r"--lora_alpha=0.0 is out of range: it must be in \(0, inf\)"),
+    (dict(lora_alpha=0.0), r"--lora_alpha=0.0 is out of range: it must be in \(0, 10000\]"),
+    (dict(lora_alpha=1e38), r"--lora_alpha=1e\+38 is out of range"),  # Issue 31, unclear: adapters stayed 0
     (dict(lora_alpha=float("nan")), "--lora_alpha=nan is out of range"),
     (dict(fw_alpha=2.0), r"--fw_alpha=2.0 is out of range: it must be in \(0, 1\)"),
     (dict(ada_beta1=1.0), "--ada_beta1=1.0 is out of range"),
@@ -55,6 +61,16 @@ def test_parse_args_types_errors_and_help(capsys):
     (dict(method="adalora", epochs=1, n_train=64), "AdaLoRA needs at least 3 optimiser steps, this run has T=2"),
     (dict(method="adalora", ada_init_ratio=6.0), "AdaLoRA's initial rank 36 .* exceeds the smallest matrix side 32"),
     (dict(max_length=100_000), "--max_length=100000 exceeds tiny-bert's 512 positions: use at most 512"),
+    # Issue 31, bad case 5: below [CLS] + [SEP] + 1 the tokenizer returned untruncated ids
+    (dict(max_length=2), "--max_length=2 leaves no room for a word after tiny-bert's 2 special tokens: use at "
+                         "least 3"),
+    (dict(method="adalora", ada_t_init=-5), "--ada_t_init=-5: give steps >= 0, or -1"),  # Issue 31, unclear
+    (dict(budget=5.0), r"needs rank 57 > the smallest matrix side 32: use --budget=2.837 or less"),  # unclear
+    # Issue 31, bad case 4: 2.838% of the model against LoRA's 0.266%, silently
+    (dict(method="fwrank", fw_rank_min=100), "--fw_rank_min=100 on all 12 matrices is over the budget, rank 6 "
+                                             "on each: use --fw_rank_min <= 6"),
+    # Issue 31, unclear: FW-LoRA with T = 1 (the penalty never acts)
+    (dict(method="fwlora", epochs=1, n_train=32), r"warm-up \(K = 1\) takes the whole run \(T = 1 steps\)"),
 ])
 def test_bad_input_messages(tmp_path, kw, message):
     """Bad case 6 (nonsense accepted) and the unclear 'late or misleading messages' and 'limits the model cannot
@@ -69,7 +85,9 @@ def test_bad_input_messages(tmp_path, kw, message):
         (error,) = files
         saved = json.load(open(tmp_path / error))
         assert error.endswith(".error.json") and saved["status"] == "error" and saved["steps_done"] == 0
-    assert bool(files) == any(m in message for m in ("--glue_dir", "below half", "ada_t", "AdaLoRA", "exceeds tiny"))
+    loaded = ("--glue_dir", "below half", "--ada_t_final", "AdaLoRA", "exceeds tiny", "no room", "matrix side",
+              "fw_rank_min", "warm-up")
+    assert bool(files) == any(m in message for m in loaded)
 
 
 def test_output_folder_problems_are_caught_before_any_work(tmp_path):
@@ -314,3 +332,65 @@ def test_a_finished_run_written_meanwhile_is_kept(tmp_path, monkeypatch):
         train(tiny(tmp_path, epochs=1), toy_data())
     assert json.load(open(tmp_path / "sst2_lora_b0.5_s0.json")) == {"the": "other run"}
     assert (tmp_path / "sst2_lora_b0.5_s0.partial.json").exists()
+
+
+def test_a_nan_loss_in_the_warm_up_is_named_as_such(tmp_path):
+    """Issue 31, unclear case: a NaN inside a long warm-up was reported as "Fisher statistics are not usable",
+    naming no loss. It names the step whose loss became NaN."""
+    with pytest.raises(FloatingPointError, match=r"the loss became NaN or inf at step \d"):
+        train(tiny(tmp_path, method="fwlora", lr=1e30, max_grad_norm=0, fw_warmup_steps=3, log_every=100),
+              toy_data())
+
+
+def test_sighup_stops_a_run_as_sigterm_does_and_leaves_its_error_file(tmp_path, monkeypatch):
+    """Issue 31, unclear case: SIGHUP (the terminal closed) to train.py left no .error.json."""
+    import signal
+    import train as t
+    real = t.train_step
+
+    def hang_up(run, batch, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGHUP)
+        return real(run, batch, step)
+    monkeypatch.setattr(t, "train_step", hang_up)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        rc = t.main(["--model=tiny-bert", "--max_train=64", "--max_eval=32", "--epochs=1", f"--out_dir={tmp_path}"])
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    err = json.load(open(tmp_path / "sst2_lora_b0.2_s0.error.json"))
+    assert rc == 130 and err["error"].startswith("KeyboardInterrupt") and err["steps_done"] == 1
+    assert err["data"]["source"] == "shipped"  # Issue 31, bad case 1: which data, even in a failed run's file
+
+
+def test_an_ascii_terminal_gets_escapes_not_a_traceback(monkeypatch):
+    """Issue 31, unclear case: under PYTHONIOENCODING=ascii, train.py and bench.py ended in a
+    UnicodeEncodeError at their first λ."""
+    import io
+    import sys
+    import bench
+    import train as t
+    for main in (t.main, bench.main):
+        out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+        monkeypatch.setattr(sys, "stdout", out)
+        with pytest.raises(SystemExit) as e:
+            main(["--help"])
+        out.flush()
+        assert e.value.code == 0 and "\\u03bb of the penalty" in out.buffer.getvalue().decode("ascii")
+
+
+def test_a_result_records_the_data_it_saw(tmp_path):
+    """Issue 31, bad case 1: a result says which data it saw (here a folder of the user's; the shipped copy:
+    test_data.py) with each file's sha256, which the sweep's resume compares."""
+    import hashlib
+    mine = tmp_path / "mine"
+    os.makedirs(mine / "SST-2")
+    for split, n in (("train", 64), ("dev", 8)):
+        rows = "".join(f"a {'good' if i % 2 else 'bad'} film\t{i % 2}\n" for i in range(n))
+        (mine / "SST-2" / f"{split}.tsv").write_text("sentence\tlabel\n" + rows)
+    r = train(tiny(tmp_path / "b", glue_dir=str(mine), epochs=1))
+    digest = lambda split: hashlib.sha256((mine / "SST-2" / f"{split}.tsv").read_bytes()).hexdigest()
+    assert r["data"] == {"source": str(mine), "sha256": {f"SST-2/{s}.tsv": digest(s) for s in ("train", "dev")}}
+    saved = json.load(open(tmp_path / "b" / "sst2_lora_b0.5_s0.json"))
+    assert saved["data"] == r["data"]
