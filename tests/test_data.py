@@ -18,7 +18,7 @@ def readme_sha256() -> dict:
 
 
 def test_the_codes_digests_are_the_readmes():
-    """Issue 31, bad case 1: the run-time check (data.SHA256) and glue/README.md list the same digests."""
+    """Bad case 1 (issue 31): the run-time check (data.SHA256) and glue/README.md list one set."""
     assert len(readme_sha256()) == 4 and data.SHA256 == readme_sha256()
 
 
@@ -131,39 +131,42 @@ def test_heldout_slice_is_fixed_disjoint_from_training_and_replaces_dev(monkeypa
         data.make_batches("sst2", "", Chars(), 64, 32, heldout=4000)
 
 
-def test_a_changed_shipped_file_is_refused_and_a_folder_of_ones_own_is_recorded(tmp_path, monkeypatch):
-    """Issue 31, bad case 1: a shipped file truncated or with a label flipped in place was used silently. Here on
-    a copy of the shipped SST-2 standing in for it (data.GLUE_DIR): refused, naming the file and how to restore
-    it; the same bytes in a folder of one's own are read, and their digests recorded."""
+def test_a_changed_shipped_file_is_refused_and_ones_own_folder_recorded(tmp_path, monkeypatch):
+    """Bad case 1 (issue 31): a shipped file truncated or with a label flipped in place was used
+    silently. Here a copy of the shipped SST-2 stands in for it (data.GLUE_DIR): refused, naming the
+    file and how to restore it; the same bytes in a folder of one's own are read and recorded."""
     shipped = tmp_path / "glue"
     shutil.copytree(os.path.join(GLUE_DIR, "SST-2"), shipped / "SST-2")
     monkeypatch.setattr(data, "GLUE_DIR", str(shipped))
     dev = shipped / "SST-2" / "dev.tsv"
     good = dev.read_bytes()
-    dev.write_bytes(good.replace(b"\t1\n", b"\t0\n", 1))  # one label flipped, the size unchanged
-    with pytest.raises(ValueError, match=r"dev.tsv is not the shipped file .*`git checkout -- glue/SST-2/dev.tsv`"):
+    flipped = good.replace(b"\t1\n", b"\t0\n", 1)  # one label flipped, the size unchanged
+    dev.write_bytes(flipped)
+    restore = "`git checkout -- glue/SST-2/dev.tsv`"
+    with pytest.raises(ValueError, match=f"dev.tsv is not the shipped file .*{restore}"):
         load_glue("sst2")
     mine = tmp_path / "mine"
     shutil.copytree(shipped / "SST-2", mine / "SST-2")
-    assert sum(load_glue("sst2", str(mine))["dev"][1]) == 443  # read as it is: one positive fewer than 444
-    assert provenance("sst2", str(mine)) == {"source": str(mine), "sha256": {
-        "SST-2/train.tsv": readme_sha256()["SST-2/train.tsv"],  # an unchanged copy
-        "SST-2/dev.tsv": hashlib.sha256(good.replace(b"\t1\n", b"\t0\n", 1)).hexdigest()}}
+    assert sum(load_glue("sst2", str(mine))["dev"][1]) == 443  # as it is: 444 positives less one
+    sst2 = {k: v for k, v in readme_sha256().items() if k.startswith("SST-2")}
+    digests = {"SST-2/train.tsv": sst2["SST-2/train.tsv"],  # an unchanged copy
+               "SST-2/dev.tsv": hashlib.sha256(flipped).hexdigest()}
+    assert provenance("sst2", str(mine)) == {"source": str(mine), "sha256": digests}
     dev.write_bytes(b"".join(good.splitlines(keepends=True)[:301]))  # `head -n 301` over the file
-    with pytest.raises(ValueError, match="git checkout -- glue/SST-2/dev.tsv"):
+    with pytest.raises(ValueError, match=restore):
         load_glue("sst2", str(shipped))  # however the path names the shipped copy
     dev.write_bytes(good)  # restored
     assert len(load_glue("sst2")["dev"][0]) == 872
-    assert provenance("sst2") == {"source": "shipped", "sha256": {k: v for k, v in readme_sha256().items()
-                                                                  if k.startswith("SST-2")}}
+    assert provenance("sst2") == {"source": "shipped", "sha256": sst2}
 
 
 def test_a_bom_a_nul_byte_and_a_giant_field_are_named(tmp_path):
-    """Issue 31, bad case 7 (a sentence over 131,072 characters: `_csv.Error`, no file or line) and the unclear
-    cases: a UTF-8 BOM in train.tsv not named, a NUL byte accepted. Each is refused, naming file and line."""
+    """Bad case 7 (issue 31): a sentence over 131,072 characters (`_csv.Error`, no file named); and
+    the unclear cases: a UTF-8 BOM in train.tsv not named, a NUL byte accepted. Each is refused,
+    naming the file (and line)."""
     path = tmp_path / "train.tsv"
     path.write_text("sentence\tlabel\na fine film\t1\n" + "word " * 30_000 + "\t0\n")
-    with pytest.raises(ValueError, match=r"train.tsv line 3: field larger than field limit \(131072\)"):
+    with pytest.raises(ValueError, match=r"train.tsv line 3: field larger than field limit"):
         read_glue_tsv(str(path), "sst2")
     path.write_text("\ufeffsentence\tlabel\na fine film\t1\n", encoding="utf-8")
     with pytest.raises(ValueError, match="train.tsv starts with a UTF-8 byte-order mark"):

@@ -239,8 +239,8 @@ def test_plan_reuses_only_the_same_run_and_moves_corrupt_results_aside(tmp_path,
 
 
 def test_resume_refuses_a_result_made_on_other_data(tmp_path, capsys):
-    """Issue 31, bad case 1: a result made on a truncated dev.tsv was kept ("skip ... (done)") once the file was
-    restored. The resume compares the digests the result recorded with the files' now."""
+    """Bad case 1 (issue 31): a result made on a truncated dev.tsv was kept ("skip ... (done)") once
+    the file was restored. The resume compares the digests the result recorded with the files'."""
     r = finished(tmp_path)
     assert [x[0] for x in sweep.plan(settings(tmp_path))] == ["done"]  # the same files: resumed
     r["data"]["sha256"]["SST-2/dev.tsv"] = "0123456789ab" + "0" * 52  # made on another dev.tsv
@@ -256,7 +256,8 @@ def test_resume_refuses_a_result_made_on_other_data(tmp_path, capsys):
 
 
 def test_a_giant_field_stops_the_preflight_with_exit_2(tmp_path, capsys):
-    """Issue 31, bad case 7: a sentence over 131,072 characters ended the preflight in `_csv.Error`, exit 1."""
+    """Bad case 7 (issue 31): a sentence over 131,072 characters ended the preflight in
+    `_csv.Error`, exit 1."""
     mine = tmp_path / "mine" / "SST-2"
     os.makedirs(mine)
     (mine / "train.tsv").write_text("sentence\tlabel\n" + "word " * 30_000 + "\t0\n")
@@ -264,7 +265,8 @@ def test_a_giant_field_stops_the_preflight_with_exit_2(tmp_path, capsys):
     s = settings(tmp_path / "out", f"--glue_dir={tmp_path / 'mine'}")
     with pytest.raises(SystemExit) as e:
         sweep.preflight(s, sweep.plan(s))
-    assert e.value.code == 2 and "train.tsv line 2: field larger than field limit" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "train.tsv line 2: field larger than field limit" in err
 
 
 def test_budgets_on_one_rank_are_refused(tmp_path, capsys):
