@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import itertools
 import os
+import re
 import sys
 
 import torch
@@ -22,7 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 from data import hub_reachable, synthetic
-from record import METHODS, Clock, environment, parse_args, run_name, train_ms, write_json
+from record import (METHODS, Clock, environment, parse_args, plain_output, run_name, train_ms,
+                    write_json)
 from train import Config, check_config, check_finite, evaluate, prepare, train_step
 
 WARM = dict(fw_warmup_steps=10**9, fw_warmup_max_frac=1.0)  # FW-LoRA's Fisher warm-up on every step
@@ -284,10 +286,36 @@ def gpu(cfg: Config, tiny: bool = False, n_steps: int = 300) -> bool:
     return all(ok is not False for ok in verdicts.values())
 
 
+OWN_FLAGS = {"--methods=": "runs", "--seeds=": "fisher", "--tiny=": "gpu"}  # each mode's own flag
+
+
+def own_flag_problem(mode: str, args: list[str], methods: str, seeds: str) -> str | None:
+    """What is wrong with bench.py's own flags (--methods, --seeds, --tiny), or None."""
+    for flag, own in OWN_FLAGS.items():
+        if mode != own and any(a.startswith(flag) for a in args):
+            return f"{flag[:-1]} is read by `bench.py {own}` only, not by the {mode} mode: drop it"
+    if not re.fullmatch(r"\d+(,\d+)*", seeds, re.ASCII):
+        return f"--seeds takes whole numbers separated by commas (as 0,1,2), got {seeds!r}"
+    listed = methods.split(",")
+    for i, m in enumerate(listed):
+        if m in listed[:i]:
+            return f"--methods lists {m} twice: list each run once"
+        if "method" in [f.split("=")[0] for f in m.split(":")[1:]]:
+            return f"--methods: {m} names its method twice: the method first, then its own fields"
+    return None
+
+
 def main(argv: list[str]) -> int:
-    """bench.py's command line (the sweep's timing step calls it too). Exit 1 on an error or a failed check."""
+    """bench.py's command line (the sweep's timing step calls it too). Exit 2 on bad input (its own
+    flags), 1 on an error or a failed check."""
+    plain_output()
     mode, args = (argv[0], argv[1:]) if argv[:1] in (["runs"], ["gpu"], ["ops"], ["fisher"]) else ("steps", argv)
     methods = next((a.split("=", 1)[1] for a in args if a.startswith("--methods=")), "lora,fwlora,adalora")
+    seeds = next((a.split("=", 1)[1] for a in args if a.startswith("--seeds=")), "0,1,2")
+    problem = own_flag_problem(mode, args, methods, seeds)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         if mode == "gpu":  # roberta-base's shapes, bf16, on CUDA, unless the arguments say otherwise
             defaults = ["--model=" + ("roberta-base" if hub_reachable() else "random-roberta-base"), "--device=cuda",
@@ -302,8 +330,11 @@ def main(argv: list[str]) -> int:
         elif mode == "gpu":
             return 0 if gpu(cfg, tiny="--tiny=true" in args) else 1
         elif mode == "fisher":
-            fisher_gate(cfg, [int(x) for x in next((a.split("=", 1)[1] for a in args if a.startswith("--seeds=")),
-                                                   "0,1,2").split(",")])
+            failed = [k for k, row in fisher_gate(cfg, [int(x) for x in seeds.split(",")]).items()
+                      if row["gate"] != "pass"]
+            if failed:
+                print(f"the gate fails on {', '.join(failed)}", file=sys.stderr)
+                return 1
         elif mode == "ops":
             ops(cfg)
         else:

@@ -2,8 +2,9 @@
 
 Two sources, same result:
   * a local folder in the official GLUE layout: by default `glue/` in this repo (real SST-2 and CoLA,
-    provenance and checksums in glue/README.md), or any folder given as `--glue_dir`. SST-2/{train,dev}.tsv
-    have a `sentence\tlabel` header; CoLA/{train,dev}.tsv no header and 4 columns (source, label,
+    provenance and checksums in glue/README.md; a file that no longer matches them is refused), or
+    any folder given as `--glue_dir` (its digests recorded). SST-2/{train,dev}.tsv have a
+    `sentence\tlabel` header; CoLA/{train,dev}.tsv no header and 4 columns (source, label,
     original mark, sentence). Read with quoting off: sentences contain quotes.
   * `--glue_dir=hub`: `datasets.load_dataset("nyu-mll/glue", task)` from the hub (needs internet).
 Dev is the evaluation split, as in the LoRA and AdaLoRA papers (GLUE test labels are hidden).
@@ -11,6 +12,7 @@ Also here: load_model() (the encoder and its tokenizer: what turns the data into
 `mpnet`'s folder), and synthetic(), a learnable toy task for tests and benchmarks (no tokenizer, no files).
 """
 import csv
+import hashlib
 import os
 import socket
 from urllib.parse import urlparse
@@ -18,6 +20,12 @@ from urllib.parse import urlparse
 import torch
 
 GLUE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "glue")  # the copy shipped in the repo
+SHA256 = {  # the shipped files' digests, as glue/README.md lists them (a test checks they agree)
+    "SST-2/train.tsv": "c75796b01672b41c38cd4b35f4ff1ade88ca79b7577f3926e01ff69739d85ec9",
+    "SST-2/dev.tsv": "f7271f7a919ea884ca8563e13ed03028aa44296d1f738c003af3142b9a2188f8",
+    "CoLA/train.tsv": "cb368ebeb9f27d7ad03720d27ddc95687a311bdb100781a2fe59a5f5b1bc0624",
+    "CoLA/dev.tsv": "fc08f7ca16084543d9222d75eee13f094d738c3a20d874384417f1766197b716",
+}
 
 TASKS = {  # task -> (GLUE folder, metric reported in the table)
     "sst2": ("SST-2", "accuracy"),
@@ -30,14 +38,58 @@ def check_task(task: str) -> None:
         raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
 
 
+_DIGESTS = {}  # (path, size, mtime) -> sha256: each file hashed once per process (again if changed)
+
+
+def file_sha256(path: str) -> str:
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        with open(path, "rb") as f:
+            _DIGESTS[key] = hashlib.sha256(f.read()).hexdigest()
+    return _DIGESTS[key]
+
+
+def shipped_name(path: str) -> str | None:
+    """'SST-2/dev.tsv' for a file of the shipped copy (however the path reaches it), else None."""
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(GLUE_DIR)).replace(os.sep, "/")
+    return rel if rel in SHA256 else None
+
+
+def check_shipped(path: str) -> None:
+    """Refuse a shipped file whose bytes are not the recorded ones (truncated, a label edited)."""
+    name = shipped_name(path)
+    if name and file_sha256(path) != SHA256[name]:
+        raise ValueError(f"{path} is not the shipped file (its sha256 is not glue/README.md's): "
+                         f"restore it with `git checkout -- glue/{name}`, or put your own data "
+                         "in a folder of its own and pass --glue_dir=that/folder")
+
+
+def provenance(task: str, glue_dir: str = "") -> dict:
+    """The data a run of `task` sees: its source (shipped, a folder, the hub), its files' sha256."""
+    if glue_dir == "hub":  # no files here: the hub's copy is named by its dataset
+        return {"source": "hub:nyu-mll/glue", "sha256": {}}
+    folder = TASKS[task][0]
+    paths = {f"{folder}/{split}.tsv": os.path.join(glue_dir or GLUE_DIR, folder, f"{split}.tsv")
+             for split in ("train", "dev")}
+    shipped = all(shipped_name(p) for p in paths.values())
+    return {"source": "shipped" if shipped else os.path.abspath(glue_dir),  # missing: no digest
+            "sha256": {name: file_sha256(p) for name, p in paths.items() if os.path.isfile(p)}}
+
+
 def read_glue_tsv(path: str, task: str) -> tuple[list[str], list[int]]:
-    """(sentences, labels) from one GLUE TSV file; a clear error for a missing or malformed file."""
+    """(sentences, labels) from one GLUE TSV file; a clear error for a missing, changed, bad one."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: point --glue_dir at a folder in the GLUE layout (the "
                                 f"repo ships one: {GLUE_DIR}), or pass --glue_dir=hub to download it")
+    check_shipped(path)
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            rows = list(reader)
+    except csv.Error as e:  # a field over csv's limit (131,072 characters): not one sentence a line
+        raise ValueError(f"{path} line {reader.line_num}: {e}; GLUE sentences are short: is this a "
+                         "GLUE file, one example a line?") from None
     except UnicodeDecodeError:  # e.start counts within the decoder's chunk, not the file: find the line itself
         with open(path, "rb") as f:
             for line, raw in enumerate(f, start=1):
@@ -46,6 +98,9 @@ def read_glue_tsv(path: str, task: str) -> tuple[list[str], list[int]]:
                 except UnicodeDecodeError as e:
                     raise ValueError(f"{path} line {line}: not UTF-8 ({e.reason}); GLUE files are UTF-8") from None
         raise
+    if rows and rows[0] and rows[0][0].startswith("\ufeff"):
+        raise ValueError(f"{path} starts with a UTF-8 byte-order mark (BOM): save it as plain "
+                         "UTF-8, without one")
     if task == "sst2":  # header `sentence\tlabel`
         if not rows or rows[0][:2] != ["sentence", "label"]:
             raise ValueError(f"{path}: expected a 'sentence<TAB>label' header (GLUE SST-2 layout)")
@@ -57,6 +112,8 @@ def read_glue_tsv(path: str, task: str) -> tuple[list[str], list[int]]:
         if len(row) != width or row[l_col] not in ("0", "1"):
             raise ValueError(f"{path} line {i}: expected {width} tab-separated columns with a 0/1 label, "
                              f"got {row[:4]!r}; is this the GLUE {TASKS[task][0]} file?")
+        if any("\0" in x for x in row):  # csv reads NUL bytes as text since Python 3.11
+            raise ValueError(f"{path} line {i}: a NUL byte: is this a text file? GLUE has none")
         sents.append(row[s_col])
         labels.append(int(row[l_col]))
     if not sents:

@@ -60,16 +60,27 @@ def penalty_weights(F: torch.Tensor, weighting: str, seed: int = 0) -> tuple[tor
 
 def allocate_ranks(importance: torch.Tensor, costs: list[int], budget: int, r_min: int, r_max: list[int]) -> list[int]:
     """fwrank: ranks r_m ∝ I_m (r_min <= r_m <= r_max_m) whose adapter count Σ r_m·cost_m stays within one unit of
-    rank below `budget`: proportional shares, rounded down, then +1 by largest remainder while it fits."""
+    rank below `budget`: proportional shares, rounded down, then +1 by largest remainder while it fits.
+    A share past its matrix's side r_max_m is held there and its excess shared among the others
+    (water-filling): the budget is spent, not lost to the cap."""
     cost = torch.tensor(costs, dtype=torch.float64)
-    I = importance.double().cpu()
-    share = r_min + (budget - r_min * cost.sum()) * I / (I * cost).sum()  # Σ share·cost = budget
-    ranks = share.floor().clamp(r_min, None).long().tolist()
+    I, hi = importance.double().cpu(), torch.tensor(r_max, dtype=torch.float64)
+    if r_min * cost.sum() > budget or r_min > hi.min():  # train.build_method refuses it with advice
+        raise ValueError(f"rank {r_min} on every matrix is over the budget {budget} or a side")
+    held = torch.zeros(len(costs), dtype=torch.bool)
+    while True:  # Σ share·cost = budget, held matrices at their side
+        free = (I * cost)[~held].sum()
+        rest = budget - (hi * cost)[held].sum() - r_min * cost[~held].sum()
+        share = torch.where(held, hi, r_min + rest * I / free.clamp_min(1e-300))
+        if not (share > hi).any():
+            break
+        held |= share > hi
+    ranks = share.floor().long().tolist()
     left = budget - sum(r * c for r, c in zip(ranks, costs))
     for m in torch.argsort(share - share.floor(), descending=True, stable=True).tolist():
         if costs[m] <= left and ranks[m] < r_max[m]:
             ranks[m], left = ranks[m] + 1, left - costs[m]
-    return [min(r, r_hi) for r, r_hi in zip(ranks, r_max)]
+    return ranks
 
 
 def fisher_prepass(model, rank: int, batches, autocast, *, decay: float = 0.98, estimator: str = "probe",

@@ -137,8 +137,10 @@ def rank_for_budget(budget_pct: float, n_base: int, shapes: list[tuple[int, int]
                          f"{50 * per_rank / n_base:.3f} or adapt fewer matrices")
     r = math.ceil(units - 1e-9)  # a budget that is exactly k units (up to float error) is rank k
     r_max = min(min(s) for s in shapes)
-    if r > r_max:
-        raise ValueError(f"budget {budget_pct}% needs rank {r} > the smallest matrix side {r_max}")
+    if r > r_max:  # the largest budget that fits, rounded down so that it still does
+        fits = math.floor(100_000 * r_max * per_rank / n_base) / 1000
+        raise ValueError(f"budget {budget_pct}% needs rank {r} > the smallest matrix side {r_max}: "
+                         f"use --budget={fits:g} or less (rank {r_max})")
     return r
 
 

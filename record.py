@@ -37,6 +37,8 @@ IGNORED = ("out_dir", "log_every", "timing_skip", "save_adapters", "overwrite", 
 # What report.py reads from a finished result: one schema, for the sweep's "done" and the report's reading alike.
 REQUIRED = ("config", "status", "metric", "final", "best", "epochs", "dev_labels", "budget", "environment")
 CONFIG_KEYS = ("task", "method", "budget", "seed", "model")
+# A number in plain ASCII digits: int() and float() also take 1_0 and other scripts' digits (١٠).
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)", re.ASCII | re.I)
 
 
 def field_notes(cls) -> dict[str, str]:
@@ -73,11 +75,21 @@ def parse_args(argv: list[str], cls, doc: str = ""):
         if key in kw:
             raise SystemExit(f"--{key} is given twice ({kw[key]!r}, then {val!r}): give each field once")
         typ = type(fields[key].default)
+        if typ in (int, float) and not NUMBER.fullmatch(val):
+            raise SystemExit(f"--{key} takes a {typ.__name__} in plain ASCII digits, got {val!r}")
         try:
             kw[key] = {"true": True, "1": True, "false": False, "0": False}[val.lower()] if typ is bool else typ(val)
         except (KeyError, ValueError):
             raise SystemExit(f"--{key} takes a {typ.__name__}, got {val!r}") from None
     return cls(**kw)
+
+
+def plain_output() -> None:
+    """Print whatever the terminal's encoding (PYTHONIOENCODING=ascii, a C locale): a character it
+    cannot show comes out as an escape (\\u03bb), not as a UnicodeEncodeError that ends the run."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # a TextIOWrapper (not a test's StringIO)
+            stream.reconfigure(errors="backslashreplace")
 
 
 def run_name(cfg) -> str:

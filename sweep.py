@@ -28,7 +28,7 @@ import time
 import torch
 
 import slurm
-from data import RANDOM_MODELS, TASKS, load_glue, load_model
+from data import RANDOM_MODELS, TASKS, load_glue, load_model, provenance
 from lora import count_base_params, rank_for_budget, target_names
 from fisher import WEIGHTING
 from record import IGNORED, METHODS, parse_args, read_result, run_name, write_json
@@ -130,8 +130,8 @@ def settings(argv: list[str], env: dict) -> Sweep:
 
 def plan(s: Sweep) -> list[tuple[str, str, list]]:
     """[(state, name, args)]: 'done' where OUT holds a finished result of exactly this config (made on this kind
-    of device), else 'todo'. A corrupt or incomplete result is moved to NAME.corrupt and redone; one made with
-    another config stops the sweep before any work."""
+    of device, from the same data files), else 'todo'. A corrupt or incomplete result is moved to
+    NAME.corrupt and redone; one made with another config stops the sweep before any work."""
     out, clash, kind = [], [], "cuda" if torch.cuda.is_available() else "cpu"
     for name, args in s.runs:
         cfg, path = parse_args(args, Config), os.path.join(s.out, name + ".json")
@@ -147,6 +147,11 @@ def plan(s: Sweep) -> list[tuple[str, str, list]]:
             now = kind if cfg.device == "auto" else cfg.device
             if made_on != now:
                 diff.append(f"device {made_on} -> {now}")
+            seen = (r.get("data") or {}).get("sha256", {})  # the files it read, by digest
+            for f, digest in provenance(cfg.task, cfg.glue_dir)["sha256"].items():
+                if seen.get(f) != digest:  # the data was edited, or fixed since: another run
+                    there = seen[f][:12] if f in seen else "(not recorded)"
+                    diff.append(f"data {f} {there} -> {digest[:12]}")
             if diff:
                 clash.append(f"  {name}.json: " + ", ".join(diff))
         out.append(("done" if r else "todo", name, args))

@@ -28,12 +28,12 @@ from tqdm import tqdm
 
 from adalora import AdaLoRALinear, RankAllocator, ada_initial_rank, check_schedule
 from adapters import load_peft
-from data import RANDOM_MODELS, TASKS, Batches, check_task, load_model, make_batches
+from data import RANDOM_MODELS, TASKS, Batches, check_task, load_model, make_batches, provenance
 from fisher import LAMBDA, N_PROBES, WEIGHTING, FWLoRA, allocate_ranks, fisher_prepass, warmup_length
 from lora import (LoRALinear, adapter_params, count_base_params, freeze_base, inject, rank_for_budget,
                   target_names)
-from record import (METHODS, Clock, environment, failure_kept, finish, metrics, parse_args, result_paths,
-                    write_json)
+from record import (METHODS, Clock, environment, failure_kept, finish, metrics, parse_args, plain_output,
+                    result_paths, write_json)
 
 @dataclass
 class Config:
@@ -92,7 +92,8 @@ RANGES = {**dict.fromkeys(("epochs", "batch_size", "max_length", "ada_delta_t", 
                            "log_every"), (1, math.inf, True, False)),
           **dict.fromkeys(("max_train", "max_eval", "heldout", "max_grad_norm", "timing_skip", "weight_decay", "fw_rank_min",
                            "fw_lambda", "ada_gamma"), (0, math.inf, True, False)),
-          "lr": (0, math.inf, False, False), "lora_alpha": (0, math.inf, False, False),
+          "lr": (0, math.inf, False, False),
+          "lora_alpha": (0, 1e4, False, True),  # at 1e38 alpha/r overflows: the adapters never move
           "budget": (0, 100, False, False), "warmup_ratio": (0, 1, True, False), "lora_dropout": (0, 1, True, False),
           "ada_beta1": (0, 1, False, False), "ada_beta2": (0, 1, False, False), "fw_alpha": (0, 1, False, False),
           "ada_init_ratio": (1, math.inf, True, False), "fw_warmup_max_frac": (0, 1, False, True),
@@ -111,6 +112,9 @@ def check_config(cfg: Config) -> None:
         if not ((lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)):  # NaN fails both
             raise ValueError(f"--{key}={v} is out of range: it must be in {'[' if lo_in else '('}{lo:g}, "
                              f"{hi:g}{']' if hi_in else ')'}")
+    for key in ("ada_t_init", "ada_t_final"):  # -1 is the default; no other negative means anything
+        if getattr(cfg, key) < -1:
+            raise ValueError(f"--{key}={getattr(cfg, key)}: give steps >= 0, or -1 for the default")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device=cuda, but this torch ({torch.__version__}, CUDA build "
                          f"{torch.version.cuda or 'none: a CPU-only build'}) sees no CUDA GPU: check the driver, "
@@ -170,6 +174,10 @@ def build_method(cfg: Config, model, total_steps: int, prepass=None) -> Method:
     elif cfg.method in ("lora", "fwrank", *WEIGHTING):
         # LoRA and the FW variants at rank r; fwrank at ranks r_m ∝ I_m with uniform LoRA's count (0: no adapter)
         ranks = dict.fromkeys(names, r)
+        if cfg.method == "fwrank" and cfg.fw_rank_min > r:  # before the pre-pass: it cannot fit
+            raise ValueError(f"--fw_rank_min={cfg.fw_rank_min} on all {len(names)} matrices is "
+                             f"over the budget, rank {r} on each: use --fw_rank_min <= {r}, or "
+                             "raise --budget")
         if cfg.method == "fwrank":
             F = torch.tensor(list(prepass(r, K).values()))
             costs = [d_in + d_out for d_out, d_in in shapes]
@@ -235,6 +243,10 @@ def prepare(cfg: Config, data: tuple | None = None) -> Run:
     if cfg.max_length > positions:
         raise ValueError(f"--max_length={cfg.max_length} exceeds {cfg.model}'s {positions} positions: use at most "
                          f"{positions}")
+    need = tok.num_special_tokens_to_add() + 1  # below this the tokenizer silently stops truncating
+    if cfg.max_length < need:
+        raise ValueError(f"--max_length={cfg.max_length} leaves no room for a word after "
+                         f"{cfg.model}'s {need - 1} special tokens: use at least {need}")
     train_b, dev_b = data or make_batches(cfg.task, cfg.glue_dir, tok, cfg.max_length, cfg.batch_size,
                                           cfg.max_train, cfg.max_eval, cfg.seed, cfg.heldout)
     T = cfg.epochs * len(train_b)
@@ -285,6 +297,7 @@ def train_step(run: Run, batch: dict, step: int):
                 ada.update_and_mask(step)
         run.opt.zero_grad(set_to_none=True)
         if fw and step + 1 == fw.warmup_steps:  # FW-LoRA: after K steps, fix I_m = F_m / Σ F, penalty on
+            check_finite(run, step, loss)  # a NaN loss in the warm-up named as such (one sync)
             fw.end_warmup()
     run.bad_step = torch.where((run.bad_step < 0) & ~torch.isfinite(loss), step + 1, run.bad_step)
     run.loss_sum += task_loss
@@ -292,9 +305,14 @@ def train_step(run: Run, batch: dict, step: int):
     return loss, task_loss
 
 
-def check_finite(run: Run) -> None:
-    if run.bad_step.item() >= 0:
-        raise FloatingPointError(f"the loss became NaN or inf at step {run.bad_step.item()}: lower --lr or check data")
+def check_finite(run: Run, step: int = 0, loss: torch.Tensor | None = None) -> None:
+    """Raise if a loss so far was NaN or inf; `loss` is this step's, not yet in run.bad_step."""
+    bad = run.bad_step.item()
+    if bad < 0 and loss is not None and not torch.isfinite(loss):
+        bad = step + 1
+    if bad >= 0:
+        raise FloatingPointError(f"the loss became NaN or inf at step {bad}: lower --lr or check "
+                                 "the data")
 
 
 @torch.no_grad()
@@ -326,6 +344,22 @@ def run_epoch(run: Run, epoch: int, step: int) -> int:
     return step
 
 
+def record_setup(run: Run, result: dict, glue: bool) -> None:
+    """Refuse a penalised run with no penalised step; put the budget, environment and data (the GLUE files
+    by digest: the sweep's resume compares them) in the result; say in one line what the run trains."""
+    cfg, ada, fw, info = run.cfg, run.method.ada, run.method.fw, run.method.info
+    if fw and fw.warmup_steps >= run.T:  # T = 1, or --fw_warmup_max_frac=1
+        raise ValueError(f"--method={cfg.method}: its Fisher warm-up (K = {fw.warmup_steps}) "
+                         f"takes the whole run (T = {run.T} steps), so the penalty never acts: "
+                         "give the run more steps (--epochs, --max_train) or a shorter warm-up "
+                         "(--fw_warmup_steps)")
+    data = provenance(cfg.task, cfg.glue_dir) if glue else {"source": "given"}
+    result.update(budget=info, environment=environment(run.device), data=data)
+    print(f"{cfg.task} {cfg.method} budget {cfg.budget}%: rank {info.get('ada_init_rank', info['rank'])} "
+          f"on {info['n_matrices']} matrices, {info['initial_adapter_params']:,} adapter params"
+          + (f" pruned to total rank {ada.b_target}" if ada else "") + f", {run.T} steps")
+
+
 def train(cfg: Config, data: tuple | None = None) -> dict:
     """Train one (task, method, budget, seed); return the result dict that is also written as JSON."""
     check_config(cfg)  # a rejected flag is not a run: no file (the sweep checks every run's flags up front)
@@ -334,11 +368,7 @@ def train(cfg: Config, data: tuple | None = None) -> dict:
     step = 0
     with failure_kept(result, paths, lambda: step):  # any failure from here on leaves <name>.error.json
         run = prepare(cfg, data)
-        ada, info = run.method.ada, run.method.info
-        result.update(budget=info, environment=environment(run.device))
-        print(f"{cfg.task} {cfg.method} budget {cfg.budget}%: rank {info.get('ada_init_rank', info['rank'])} "
-              f"on {info['n_matrices']} matrices, {info['initial_adapter_params']:,} adapter params"
-              + (f" pruned to total rank {ada.b_target}" if ada else "") + f", {run.T} steps")
+        record_setup(run, result, glue=data is None)
         for epoch in range(cfg.epochs):
             step = run_epoch(run, epoch, step)
             dev, train_loss = evaluate(run), run.loss_sum.item() / run.n_loss
@@ -346,6 +376,7 @@ def train(cfg: Config, data: tuple | None = None) -> dict:
             print(f"epoch {epoch + 1}: train loss {train_loss:.4f}  dev accuracy {dev['accuracy']:.4f}  "
                   f"MCC {dev['mcc']:.4f}")
             write_json(paths["partial"], result)  # survives a crash: per-epoch metrics so far
+        ada = run.method.ada
         if ada and ada.calls != step:
             raise RuntimeError(f"the AdaLoRA allocator ran {ada.calls} times in {step} steps")
     return finish(run, result, paths, step)  # writes <name>.json (and the adapters if asked)
@@ -378,7 +409,9 @@ def evaluate_adapters(cfg: Config) -> dict:
 def main(argv: list[str]) -> int:
     """train.py's command line (the sweep's workers call it too): a one-line error and exit 1 on bad input or a
     failed run, 130 when stopped; the .error.json says how far it got."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM (the sweep stopping) as Ctrl-C
+    plain_output()
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # the sweep stopping, a closed terminal: as Ctrl-C
+        signal.signal(sig, signal.default_int_handler)
     cfg = parse_args(argv, Config, __doc__)
     try:
         if cfg.eval_adapters:

@@ -2,6 +2,7 @@
 acceptance check runs end to end in its tiny CPU mode (so it cannot rot before a GPU is at hand)."""
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -56,3 +57,31 @@ def test_step_flops_by_hand():
     batch = {"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
     per_token = 4 * 2 * (4 * 32 * 32 + 2 * 32 * 64)  # 4 flops per weight; q, k, v, o, FFN in, FFN out; 2 layers
     assert bench.step_flops(run, batch) == per_token * 5 + 12 * 2 * 32 * (3 ** 2 + 2 ** 2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["runs", "--methods=lora,lora:method=fwlora"], "lora:method=fwlora names its method twice"),
+    (["runs", "--methods=lora,lora"], "--methods lists lora twice"),
+    (["ops", "--methods=lora"], "--methods is read by `bench.py runs` only, not by the ops mode"),
+    (["--seeds=1"], "--seeds is read by `bench.py fisher` only"),
+    (["fisher", "--seeds=a"], "--seeds takes whole numbers separated by commas (as 0,1,2), got"),
+])
+def test_bench_flags_are_checked_before_any_work(tmp_path, monkeypatch, capsys, argv, message):
+    """Bad case 7 (issue 31): `runs --methods=lora,lora:method=fwlora` ended in a TypeError from
+    dataclasses.replace; and the unclear cases: `fisher --seeds=a` named no flag; `runs
+    --methods=lora,lora` and `ops --methods=...` were ignored silently. Each: one line, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1  # one line
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_fisher_gate_exits_1(monkeypatch, capsys):
+    """Issue 31, unclear case: `bench.py fisher` printed FAIL and exited 0."""
+    rows = {"cola seed 0": {"gate": "pass"}, "cola seed 1": {"gate": "FAIL"}}
+    monkeypatch.setattr(bench, "fisher_gate", lambda cfg, seeds: rows)
+    assert bench.main(["fisher", "--seeds=0,1"]) == 1
+    assert "the gate fails on cola seed 1" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "fisher_gate", lambda cfg, seeds: {"cola seed 0": {"gate": "pass"}})
+    assert bench.main(["fisher"]) == 0

@@ -1,23 +1,30 @@
 """GLUE loading: the shipped copy's checksums and counts, clear errors for bad files, batching, the toy task."""
 import hashlib
 import os
+import re
+import shutil
 
 import pytest
 import torch
 
-from data import GLUE_DIR, Batches, check_task, load_glue, read_glue_tsv, synthetic
+import data
+from data import GLUE_DIR, Batches, check_task, load_glue, provenance, read_glue_tsv, synthetic
 
-SHA256 = {  # glue/README.md
-    "SST-2/train.tsv": "c75796b01672b41c38cd4b35f4ff1ade88ca79b7577f3926e01ff69739d85ec9",
-    "SST-2/dev.tsv": "f7271f7a919ea884ca8563e13ed03028aa44296d1f738c003af3142b9a2188f8",
-    "CoLA/train.tsv": "cb368ebeb9f27d7ad03720d27ddc95687a311bdb100781a2fe59a5f5b1bc0624",
-    "CoLA/dev.tsv": "fc08f7ca16084543d9222d75eee13f094d738c3a20d874384417f1766197b716",
-}
+
+def readme_sha256() -> dict:
+    """The digests glue/README.md lists, read from its `- SST-2/train.tsv `<hex>`` lines."""
+    text = open(os.path.join(GLUE_DIR, "README.md")).read()
+    return dict(re.findall(r"^- (\S+\.tsv) `([0-9a-f]{64})`$", text, re.M))
+
+
+def test_the_codes_digests_are_the_readmes():
+    """Bad case 1 (issue 31): the run-time check (data.SHA256) and glue/README.md list one set."""
+    assert len(readme_sha256()) == 4 and data.SHA256 == readme_sha256()
 
 
 @pytest.mark.slow
 def test_shipped_glue_checksums_counts_and_labels():
-    for name, want in SHA256.items():
+    for name, want in readme_sha256().items():
         assert hashlib.sha256(open(os.path.join(GLUE_DIR, name), "rb").read()).hexdigest() == want, name
     sst2, cola = load_glue("sst2"), load_glue("cola")  # the default: the copy in the repo
     counts = {(t, s): (len(d[s][0]), sum(d[s][1])) for t, d in (("sst2", sst2), ("cola", cola))
@@ -122,3 +129,48 @@ def test_heldout_slice_is_fixed_disjoint_from_training_and_replaces_dev(monkeypa
     assert held[0] == held[1] and held[0] <= set(train[0])  # one fixed slice of train; dev ("d") unread
     with pytest.raises(ValueError, match="--heldout=4000 leaves no training data"):
         data.make_batches("sst2", "", Chars(), 64, 32, heldout=4000)
+
+
+def test_a_changed_shipped_file_is_refused_and_ones_own_folder_recorded(tmp_path, monkeypatch):
+    """Bad case 1 (issue 31): a shipped file truncated or with a label flipped in place was used
+    silently. Here a copy of the shipped SST-2 stands in for it (data.GLUE_DIR): refused, naming the
+    file and how to restore it; the same bytes in a folder of one's own are read and recorded."""
+    shipped = tmp_path / "glue"
+    shutil.copytree(os.path.join(GLUE_DIR, "SST-2"), shipped / "SST-2")
+    monkeypatch.setattr(data, "GLUE_DIR", str(shipped))
+    dev = shipped / "SST-2" / "dev.tsv"
+    good = dev.read_bytes()
+    flipped = good.replace(b"\t1\n", b"\t0\n", 1)  # one label flipped, the size unchanged
+    dev.write_bytes(flipped)
+    restore = "`git checkout -- glue/SST-2/dev.tsv`"
+    with pytest.raises(ValueError, match=f"dev.tsv is not the shipped file .*{restore}"):
+        load_glue("sst2")
+    mine = tmp_path / "mine"
+    shutil.copytree(shipped / "SST-2", mine / "SST-2")
+    assert sum(load_glue("sst2", str(mine))["dev"][1]) == 443  # as it is: 444 positives less one
+    sst2 = {k: v for k, v in readme_sha256().items() if k.startswith("SST-2")}
+    digests = {"SST-2/train.tsv": sst2["SST-2/train.tsv"],  # an unchanged copy
+               "SST-2/dev.tsv": hashlib.sha256(flipped).hexdigest()}
+    assert provenance("sst2", str(mine)) == {"source": str(mine), "sha256": digests}
+    dev.write_bytes(b"".join(good.splitlines(keepends=True)[:301]))  # `head -n 301` over the file
+    with pytest.raises(ValueError, match=restore):
+        load_glue("sst2", str(shipped))  # however the path names the shipped copy
+    dev.write_bytes(good)  # restored
+    assert len(load_glue("sst2")["dev"][0]) == 872
+    assert provenance("sst2") == {"source": "shipped", "sha256": sst2}
+
+
+def test_a_bom_a_nul_byte_and_a_giant_field_are_named(tmp_path):
+    """Bad case 7 (issue 31): a sentence over 131,072 characters (`_csv.Error`, no file named); and
+    the unclear cases: a UTF-8 BOM in train.tsv not named, a NUL byte accepted. Each is refused,
+    naming the file (and line)."""
+    path = tmp_path / "train.tsv"
+    path.write_text("sentence\tlabel\na fine film\t1\n" + "word " * 30_000 + "\t0\n")
+    with pytest.raises(ValueError, match=r"train.tsv line 3: field larger than field limit"):
+        read_glue_tsv(str(path), "sst2")
+    path.write_text("\ufeffsentence\tlabel\na fine film\t1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="train.tsv starts with a UTF-8 byte-order mark"):
+        read_glue_tsv(str(path), "sst2")
+    path.write_text("gj04\t1\t\tgood .\ngj04\t1\t\tgo\0od .\n")
+    with pytest.raises(ValueError, match="train.tsv line 2: a NUL byte"):
+        read_glue_tsv(str(path), "cola")

@@ -182,6 +182,21 @@ def test_allocated_ranks_keep_the_budget_and_follow_importance():
     assert uniform == [2] * 36
 
 
+def test_fwrank_spends_the_budget_a_capped_matrix_cannot_take():
+    """Issue 31, unclear case "fwrank's unspent budget when ranks hit the matrix side": shared out
+    again. Four matrices of cost 10 and side 4, budget 80 (rank 2 each), I = (0.91, 0.03, 0.03,
+    0.03): the first's share 7.28 is held at 4 (40 parameters); the other 40 go to the rest, 4/3
+    each: 1, 1, 1, then one +1 by largest remainder (a tie: the first of them). Capping alone spent
+    50 of the 80."""
+    from fisher import allocate_ranks
+    I = torch.tensor([0.91, 0.03, 0.03, 0.03])
+    assert allocate_ranks(I, [10] * 4, 80, 0, [4] * 4) == [4, 2, 1, 1]
+    uniform = torch.tensor([0.25] * 4)
+    assert allocate_ranks(uniform, [10] * 4, 80, 2, [4] * 4) == [2] * 4  # r_min = r: uniform
+    with pytest.raises(ValueError, match="over the budget"):  # Bad case 4 (issue 31): r_min too big
+        allocate_ranks(uniform, [10] * 4, 80, 3, [4] * 4)
+
+
 def test_prepass_moves_nothing_and_draws_nothing_from_the_global_rng():
     from fisher import fisher_prepass
     from lora import target_names

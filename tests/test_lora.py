@@ -119,6 +119,16 @@ def test_budget_rule_on_mpnet_base():
     assert [rank_for_budget(b, n_base, shapes) for b in (0.1, 0.2, 0.5)] == [1, 2, 4]  # 0.66, 1.31, 3.28 units
 
 
+def test_a_budget_over_the_smallest_side_says_which_budget_fits():
+    """Issue 31, unclear case `--budget=5`: the refusal names the largest budget that fits. One
+    4 × 8 matrix (12 parameters a unit of rank, side 4) on 1,000 base parameters: rank 4 is 4.8%,
+    so 5% needs rank 5."""
+    advice = "needs rank 5 > the smallest matrix side 4: use --budget=4.8 or less"
+    with pytest.raises(ValueError, match=advice):
+        rank_for_budget(5, 1000, [(4, 8)])
+    assert rank_for_budget(4.8, 1000, [(4, 8)]) == 4  # the advice can be followed
+
+
 def test_budget_count_matches_formula_at_each_budget():
     for budget in (10, 20, 40):
         model = tiny_model()

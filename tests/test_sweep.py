@@ -208,12 +208,13 @@ SPEC_OUT = "--model=tiny-bert --max_train=128 --max_eval=64 --epochs=2 --lr=2e-3
 
 def finished(out, **changes):
     """A complete finished result of the smoke profile's LoRA run, as train.py writes it, with `changes`."""
+    from data import provenance
     from record import parse_args
     from train import Config
     cfg = dataclasses.asdict(parse_args(f"{SPEC_OUT} --budget=0.5 --seed=0 --out_dir={out}".split(), Config))
     r = {"config": cfg | changes, "status": "ok", "metric": "accuracy", "final": 0.5, "best": 0.5,
          "epochs": [{"preds": [0, 1]}], "dev_labels": [0, 1], "budget": {"adapter_pct": 0.5},
-         "environment": {"device": "cpu"}}
+         "environment": {"device": "cpu"}, "data": provenance("sst2")}
     (out / "sst2_lora_b0.5_s0.json").write_text(json.dumps(r))
     return r
 
@@ -244,6 +245,37 @@ def test_plan_reuses_only_the_same_run_and_moves_corrupt_results_aside(tmp_path,
     with pytest.raises(SystemExit):
         sweep.preflight(s, sweep.plan(s))  # data checked once, up front
     assert "--glue_dir" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_result_made_on_other_data(tmp_path, capsys):
+    """Bad case 1 (issue 31): a result made on a truncated dev.tsv was kept ("skip ... (done)") once
+    the file was restored. The resume compares the digests the result recorded with the files'."""
+    r = finished(tmp_path)
+    assert [x[0] for x in sweep.plan(settings(tmp_path))] == ["done"]  # the same files: resumed
+    r["data"]["sha256"]["SST-2/dev.tsv"] = "0123456789ab" + "0" * 52  # made on another dev.tsv
+    (tmp_path / "sst2_lora_b0.5_s0.json").write_text(json.dumps(r))
+    with pytest.raises(SystemExit):
+        sweep.plan(settings(tmp_path))
+    assert "data SST-2/dev.tsv 0123456789ab -> f7271f7a919e" in capsys.readouterr().err
+    del r["data"]  # an older version's result: which data it saw is unknown
+    (tmp_path / "sst2_lora_b0.5_s0.json").write_text(json.dumps(r))
+    with pytest.raises(SystemExit):
+        sweep.plan(settings(tmp_path))
+    assert "data SST-2/train.tsv (not recorded) -> c75796b01672" in capsys.readouterr().err
+
+
+def test_a_giant_field_stops_the_preflight_with_exit_2(tmp_path, capsys):
+    """Bad case 7 (issue 31): a sentence over 131,072 characters ended the preflight in
+    `_csv.Error`, exit 1."""
+    mine = tmp_path / "mine" / "SST-2"
+    os.makedirs(mine)
+    (mine / "train.tsv").write_text("sentence\tlabel\n" + "word " * 30_000 + "\t0\n")
+    (mine / "dev.tsv").write_text("sentence\tlabel\na fine film\t1\n")
+    s = settings(tmp_path / "out", f"--glue_dir={tmp_path / 'mine'}")
+    with pytest.raises(SystemExit) as e:
+        sweep.preflight(s, sweep.plan(s))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "train.tsv line 2: field larger than field limit" in err
 
 
 def test_budgets_on_one_rank_are_refused(tmp_path, capsys):

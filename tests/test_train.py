@@ -18,6 +18,12 @@ def test_parse_args_types_errors_and_help(capsys):
     for bad in (["--nope=1"], ["--epochs=two"], ["lr=1"], ["--save_adapters=maybe"], ["--lr=1", "--lr=2"]):
         with pytest.raises(SystemExit):
             parse_args(bad, Config)
+    # Issue 31, unclear: int() and float() take 1_0 and Arabic-Indic digits
+    for bad in ("--lr=1_0", "--epochs=\u0661\u0660", "--lr= 1e-3"):
+        with pytest.raises(SystemExit, match="in plain ASCII digits"):
+            parse_args([bad], Config)
+    cfg = parse_args(["--lr=.5", "--seed=+3", "--ada_t_init=-1", "--fw_lambda=1E-5"], Config)
+    assert (cfg.lr, cfg.seed, cfg.ada_t_init, cfg.fw_lambda) == (0.5, 3, -1, 1e-5)  # these pass
     with pytest.raises(SystemExit):
         parse_args(["--help"], Config)
     out = capsys.readouterr().out
@@ -34,7 +40,8 @@ def test_parse_args_types_errors_and_help(capsys):
     (dict(fw_lambda=-1.0), r"--fw_lambda=-1.0 is out of range: it must be in \[0, inf\)"),
     (dict(warmup_ratio=-1.0), r"--warmup_ratio=-1.0 is out of range: it must be in \[0, 1\)"),
     (dict(warmup_ratio=float("nan")), "--warmup_ratio=nan is out of range"),
-    (dict(lora_alpha=0.0), r"--lora_alpha=0.0 is out of range: it must be in \(0, inf\)"),
+    (dict(lora_alpha=0.0), r"--lora_alpha=0.0 is out of range: it must be in \(0, 10000\]"),
+    (dict(lora_alpha=1e38), r"--lora_alpha=1e\+38 is out of range"),  # issue 31, unclear: ΔW was 0
     (dict(lora_alpha=float("nan")), "--lora_alpha=nan is out of range"),
     (dict(fw_alpha=2.0), r"--fw_alpha=2.0 is out of range: it must be in \(0, 1\)"),
     (dict(ada_beta1=1.0), "--ada_beta1=1.0 is out of range"),
@@ -55,6 +62,17 @@ def test_parse_args_types_errors_and_help(capsys):
     (dict(method="adalora", epochs=1, n_train=64), "AdaLoRA needs at least 3 optimiser steps, this run has T=2"),
     (dict(method="adalora", ada_init_ratio=6.0), "AdaLoRA's initial rank 36 .* exceeds the smallest matrix side 32"),
     (dict(max_length=100_000), "--max_length=100000 exceeds tiny-bert's 512 positions: use at most 512"),
+    # Bad case 5 (issue 31): below [CLS] + [SEP] + 1 the tokenizer returned untruncated ids
+    (dict(max_length=2), "--max_length=2 leaves no room for a word after tiny-bert's 2 special "
+                         "tokens: use at least 3"),
+    # Issue 31, unclear: -5 was the default; --budget=5 said nothing of what fits
+    (dict(method="adalora", ada_t_init=-5), "--ada_t_init=-5: give steps >= 0, or -1"),
+    (dict(budget=5.0), r"needs rank 57 > the smallest matrix side 32: use --budget=2.837 or less"),
+    # Bad case 4 (issue 31): 2.838% of the model against LoRA's 0.266%, silently
+    (dict(method="fwrank", fw_rank_min=100), "--fw_rank_min=100 on all 12 matrices is over the "
+                                             "budget, rank 6 on each: use --fw_rank_min <= 6"),
+    # Issue 31, unclear: FW-LoRA with T = 1 (the penalty never acts)
+    (dict(method="fwlora", epochs=1, n_train=32), r"warm-up \(K = 1\) takes the whole run \(T = 1"),
 ])
 def test_bad_input_messages(tmp_path, kw, message):
     """Bad case 6 (nonsense accepted) and the unclear 'late or misleading messages' and 'limits the model cannot
@@ -69,7 +87,9 @@ def test_bad_input_messages(tmp_path, kw, message):
         (error,) = files
         saved = json.load(open(tmp_path / error))
         assert error.endswith(".error.json") and saved["status"] == "error" and saved["steps_done"] == 0
-    assert bool(files) == any(m in message for m in ("--glue_dir", "below half", "ada_t", "AdaLoRA", "exceeds tiny"))
+    loaded = ("--glue_dir", "below half", "--ada_t_final", "AdaLoRA", "exceeds tiny", "no room",
+              "matrix side", "fw_rank_min", "warm-up")
+    assert bool(files) == any(m in message for m in loaded)
 
 
 def test_output_folder_problems_are_caught_before_any_work(tmp_path):
@@ -425,3 +445,69 @@ def test_eval_adapters_scores_a_saved_folder_as_the_run_did(tmp_path, capsys):
     file = f"--eval_adapters={tmp_path}/sst2_lora_b0.2_s0.safetensors"  # the project's file
     assert main(["--model=tiny-bert", file]) == 1
     assert "s0.safetensors is a file, not a peft adapter folder" in capsys.readouterr().err
+
+
+def test_a_nan_loss_in_the_warm_up_is_named_as_such(tmp_path):
+    """Issue 31, unclear case: a NaN inside a long warm-up was reported as "Fisher statistics are
+    not usable", naming no loss. It names the step whose loss became NaN."""
+    cfg = tiny(tmp_path, method="fwlora", lr=1e30, max_grad_norm=0, fw_warmup_steps=3,
+               log_every=100)
+    with pytest.raises(FloatingPointError, match=r"the loss became NaN or inf at step \d"):
+        train(cfg, toy_data())
+
+
+def test_sighup_stops_a_run_as_sigterm_does_and_leaves_its_error_file(tmp_path, monkeypatch):
+    """Issue 31, unclear case: SIGHUP (the terminal closed) to train.py left no .error.json."""
+    import signal
+    import train as t
+    real = t.train_step
+
+    def hang_up(run, batch, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGHUP)
+        return real(run, batch, step)
+    monkeypatch.setattr(t, "train_step", hang_up)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        rc = t.main(["--model=tiny-bert", "--max_train=64", "--max_eval=32", "--epochs=1",
+                     f"--out_dir={tmp_path}"])
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    err = json.load(open(tmp_path / "sst2_lora_b0.2_s0.error.json"))
+    assert rc == 130 and err["error"].startswith("KeyboardInterrupt") and err["steps_done"] == 1
+    assert err["data"]["source"] == "shipped"  # Bad case 1 (issue 31): even a failed run's file
+
+
+def test_an_ascii_terminal_gets_escapes_not_a_traceback(monkeypatch):
+    """Issue 31, unclear case: under PYTHONIOENCODING=ascii, train.py and bench.py ended in a
+    UnicodeEncodeError at their first λ."""
+    import io
+    import sys
+    import bench
+    import train as t
+    for main in (t.main, bench.main):
+        out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+        monkeypatch.setattr(sys, "stdout", out)
+        with pytest.raises(SystemExit) as e:
+            main(["--help"])
+        out.flush()
+        text = out.buffer.getvalue().decode("ascii")
+        assert e.value.code == 0 and "\\u03bb of the penalty" in text
+
+
+def test_a_result_records_the_data_it_saw(tmp_path):
+    """Bad case 1 (issue 31): a result says which data it saw (here a folder of the user's; the
+    shipped copy: test_data.py), with each file's sha256, which the sweep's resume compares."""
+    import hashlib
+    mine = tmp_path / "mine"
+    os.makedirs(mine / "SST-2")
+    for split, n in (("train", 64), ("dev", 8)):
+        rows = "".join(f"a {'good' if i % 2 else 'bad'} film\t{i % 2}\n" for i in range(n))
+        (mine / "SST-2" / f"{split}.tsv").write_text("sentence\tlabel\n" + rows)
+    r = train(tiny(tmp_path / "b", glue_dir=str(mine), epochs=1))
+    files = {f"SST-2/{split}.tsv": mine / "SST-2" / f"{split}.tsv" for split in ("train", "dev")}
+    digests = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()}
+    assert r["data"] == {"source": str(mine), "sha256": digests}
+    saved = json.load(open(tmp_path / "b" / "sst2_lora_b0.5_s0.json"))
+    assert saved["data"] == r["data"]
