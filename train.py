@@ -214,6 +214,7 @@ class Run:
     loss_sum: torch.Tensor        # this epoch's summed task loss, on the device (no sync per step)
     bad_step: torch.Tensor        # first step (1-based) whose loss was NaN/inf; -1 if none; on the device
     n_loss: int = 0
+    steps: int = 0                # optimiser steps completed (run_epoch counts them)
     penalty_log: list = field(default_factory=list)  # (step, task loss, added terms) at each readout
 
     def epoch(self, epoch: int):
@@ -243,8 +244,8 @@ def prepare(cfg: Config, data: tuple | None = None) -> Run:
     if cfg.max_length > positions:
         raise ValueError(f"--max_length={cfg.max_length} exceeds {cfg.model}'s {positions} positions: use at most "
                          f"{positions}")
-    need = tok.num_special_tokens_to_add() + 1  # below this the tokenizer silently stops truncating
-    if cfg.max_length < need:
+    need = tok.num_special_tokens_to_add() + 1 if tok else 1  # tok None: a test's model, given data
+    if cfg.max_length < need:  # below this the tokenizer silently stops truncating
         raise ValueError(f"--max_length={cfg.max_length} leaves no room for a word after "
                          f"{cfg.model}'s {need - 1} special tokens: use at least {need}")
     train_b, dev_b = data or make_batches(cfg.task, cfg.glue_dir, tok, cfg.max_length, cfg.batch_size,
@@ -327,13 +328,14 @@ def evaluate(run: Run) -> dict:
     return metrics(preds, run.dev_b.labels) | {"preds": preds.tolist()}
 
 
-def run_epoch(run: Run, epoch: int, step: int) -> int:
-    """One pass over the training set; returns the steps completed so far."""
+def run_epoch(run: Run, epoch: int) -> None:
+    """One pass over the training set; run.steps counts the optimiser steps completed."""
     cfg, fw = run.cfg, run.method.fw
     bar = tqdm(run.epoch(epoch), total=len(run.train_b), desc=f"epoch {epoch + 1}", leave=False, disable=None)
     for batch in bar:  # (moved to the device outside the clock)
-        loss, task_loss = train_step(run, batch, step)
-        step += 1
+        loss, task_loss = train_step(run, batch, run.steps)
+        run.steps += 1
+        step = run.steps
         if step % cfg.log_every == 0:  # the loop's only host sync
             check_finite(run)
             bar.set_postfix(loss=f"{run.loss_sum.item() / run.n_loss:.4f}")
@@ -341,7 +343,6 @@ def run_epoch(run: Run, epoch: int, step: int) -> int:
                 run.penalty_log.append((step, task_loss.item(), (loss - task_loss).item()))
     check_finite(run)
     run.clock.collect()
-    return step
 
 
 def record_setup(run: Run, result: dict, glue: bool) -> None:
@@ -365,21 +366,22 @@ def train(cfg: Config, data: tuple | None = None) -> dict:
     check_config(cfg)  # a rejected flag is not a run: no file (the sweep checks every run's flags up front)
     paths = result_paths(cfg)
     result = {"config": dataclasses.asdict(cfg), "status": "running", "epochs": []}
-    step = 0
-    with failure_kept(result, paths, lambda: step):  # any failure from here on leaves <name>.error.json
+    run = None
+    steps_done = lambda: run.steps if run else 0  # read when a failure is recorded: how far the run got
+    with failure_kept(result, paths, steps_done):  # any failure from here on leaves <name>.error.json
         run = prepare(cfg, data)
         record_setup(run, result, glue=data is None)
         for epoch in range(cfg.epochs):
-            step = run_epoch(run, epoch, step)
+            run_epoch(run, epoch)
             dev, train_loss = evaluate(run), run.loss_sum.item() / run.n_loss
-            result["epochs"].append({"epoch": epoch + 1, "train_loss": train_loss, **dev, "steps": step})
+            result["epochs"].append({"epoch": epoch + 1, "train_loss": train_loss, **dev, "steps": run.steps})
             print(f"epoch {epoch + 1}: train loss {train_loss:.4f}  dev accuracy {dev['accuracy']:.4f}  "
                   f"MCC {dev['mcc']:.4f}")
             write_json(paths["partial"], result)  # survives a crash: per-epoch metrics so far
         ada = run.method.ada
-        if ada and ada.calls != step:
-            raise RuntimeError(f"the AdaLoRA allocator ran {ada.calls} times in {step} steps")
-    return finish(run, result, paths, step)  # writes <name>.json (and the adapters if asked)
+        if ada and ada.calls != run.steps:
+            raise RuntimeError(f"the AdaLoRA allocator ran {ada.calls} times in {run.steps} steps")
+    return finish(run, result, paths, run.steps)  # writes <name>.json (and the adapters if asked)
 
 
 def evaluate_adapters(cfg: Config) -> dict:
