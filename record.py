@@ -374,6 +374,17 @@ def missing_field(r) -> str | None:
     return None
 
 
+def precision_of(r: dict) -> str:
+    """A result's resolved precision, bf16 | fp32. A result from before it was recorded ran `auto` as bf16 on CUDA
+    and fp32 on a CPU (the committed MiniLM tables: fp32)."""
+    if r.get("precision"):
+        return r["precision"]
+    asked = r["config"].get("precision", "auto")
+    if asked != "auto":
+        return asked
+    return "bf16" if str(r.get("environment", {}).get("device", "")).startswith("cuda") else "fp32"
+
+
 def read_result(path: str, warn: bool = True) -> dict | None:
     """A run's result JSON (finished or failed), or None with a warning naming the file and what is wrong."""
     try:

@@ -31,8 +31,8 @@ import slurm
 from data import RANDOM_MODELS, TASKS, load_glue, load_model, provenance
 from lora import count_base_params, rank_for_budget, target_names
 from fisher import WEIGHTING
-from record import IGNORED, METHODS, parse_args, read_result, run_name, write_json
-from train import Config, check_config
+from record import IGNORED, METHODS, parse_args, precision_of, read_result, run_name, write_json
+from train import Config, check_config, resolve_precision
 
 SWEEP_SETS = {"task": "TASKS", "method": "METHODS", "budget": "BUDGETS", "seed": "SEEDS", "out_dir": "OUT"}
 
@@ -142,7 +142,7 @@ def plan(s: Sweep) -> list[tuple[str, str, list]]:
                   file=sys.stderr)
         elif r:
             diff = [f"{k} {r['config'].get(k, '(absent)')!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-                    if k not in IGNORED and r["config"].get(k, "(absent)") != v]
+                    if k not in IGNORED + ("precision",) and r["config"].get(k, "(absent)") != v]
             made_on = str(r["environment"].get("device", "unknown")).split(":")[0]
             now = kind if cfg.device == "auto" else cfg.device
             if made_on != now:
@@ -152,6 +152,9 @@ def plan(s: Sweep) -> list[tuple[str, str, list]]:
                 if seen.get(f) != digest:  # the data was edited, or fixed since: another run
                     there = seen[f][:12] if f in seen else "(not recorded)"
                     diff.append(f"data {f} {there} -> {digest[:12]}")
+            made_in, now_in = precision_of(r), resolve_precision(cfg.precision, now)[0]  # resolved, not as asked
+            if made_in != now_in:
+                diff.append(f"precision {made_in} -> {now_in} (--precision={made_in} continues it)")
             if diff:
                 clash.append(f"  {name}.json: " + ", ".join(diff))
         out.append(("done" if r else "todo", name, args))

@@ -79,7 +79,7 @@ class Config:
     fw_rank_min: int = 0          # fwrank: the smallest rank a matrix gets (0: left unadapted, as AdaLoRA may prune to 0)
     # running
     device: str = "auto"          # auto (CUDA if present) | cpu | cuda
-    precision: str = "auto"       # auto (bf16 on CUDA, fp32 on CPU) | bf16 (autocast; weights, adapters, statistics stay fp32) | fp32
+    precision: str = "auto"       # auto (bf16 on CUDA and on a CPU with AMX/AVX512-BF16, else fp32) | bf16 (autocast; weights, adapters, statistics stay fp32) | fp32
     log_every: int = 20           # steps between loss readouts (the only host syncs in the loop)
     timing_skip: int = 5          # first steps left out of ms/step (allocator and cache warm-up)
     save_adapters: bool = False   # also write <name>.safetensors (adapters + head) and <name>.peft/ (peft's format)
@@ -129,10 +129,36 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def autocast_for(device: torch.device, precision: str = "auto"):
-    """A context factory: bf16 autocast (the matmuls' inputs) or none. Master weights, adapters, E and the
-    methods' statistics stay fp32 either way. bf16 is the CUDA default; on CPU it needs AMX/AVX512-bf16."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+def cpu_bf16() -> str:
+    """This CPU's native bf16 matmul units ("AMX-BF16", "AVX512-BF16", both) or "": Linux's /proc/cpuinfo flags
+    amx_bf16 and avx512_bf16, else torch's own CPU checks. (torch.backends.cpu.get_cpu_capability() says only
+    "AVX512", with or without bf16.)"""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:  # not Linux
+        checks = (("amx_bf16", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported"))
+        flags = {flag for flag, check in checks if getattr(torch.cpu, check, lambda: False)()}
+    units = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))
+    return " and ".join(name for flag, name in units if flag in flags)
+
+
+def resolve_precision(precision: str, device_type: str) -> tuple[str, str]:
+    """(bf16 | fp32, why). auto: bf16 wherever the hardware multiplies bf16 natively (CUDA; a CPU with AMX-BF16 or
+    AVX512-BF16), where every real model stepped faster under it; fp32 elsewhere, where bf16 would be emulated."""
+    if precision != "auto":
+        return precision, "asked for"
+    if device_type == "cuda":
+        return "bf16", "auto: CUDA"
+    if cpu_bf16():
+        return "bf16", f"auto: this CPU has {cpu_bf16()}"
+    return "fp32", "auto: this CPU has neither AMX-BF16 nor AVX512-BF16, so bf16 would be emulated"
+
+
+def autocast_for(device: torch.device, precision: str):
+    """A context factory: bf16 autocast (the matmuls' inputs) or none, for a resolved precision. Master weights,
+    adapters, E and the methods' statistics stay fp32 either way."""
+    if precision == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext
 
@@ -204,6 +230,7 @@ class Run:
     cfg: Config
     device: torch.device
     autocast: object              # context factory: bf16 autocast or nullcontext
+    precision: str                # the resolved precision, bf16 | fp32 (recorded in the result)
     model: torch.nn.Module
     train_b: Batches
     dev_b: Batches
@@ -252,7 +279,9 @@ def prepare(cfg: Config, data: tuple | None = None) -> Run:
                                           cfg.max_train, cfg.max_eval, cfg.seed, cfg.heldout)
     T = cfg.epochs * len(train_b)
     model.to(device)  # first, so adapters and every piece of method state are born on the device
-    clock, autocast = Clock(device), autocast_for(device, cfg.precision)
+    precision, why = resolve_precision(cfg.precision, device.type)
+    print(f"precision: {precision} ({why})")
+    clock, autocast = Clock(device), autocast_for(device, precision)
 
     def prepass(rank: int, K: int) -> dict:  # fwrank: the Fisher pre-pass over the first K training batches, timed
         batches = itertools.islice(train_b.epoch(cfg.seed * 1000, cfg.group_by_length), K)
@@ -263,8 +292,8 @@ def prepare(cfg: Config, data: tuple | None = None) -> Run:
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     method.info["n_trainable_params"] = sum(p.numel() for p in trainable)
-    return Run(cfg, device, autocast, model, train_b, dev_b, method, opt, T, clock, torch.zeros((), device=device),
-               torch.full((), -1, device=device))
+    return Run(cfg, device, autocast, precision, model, train_b, dev_b, method, opt, T, clock,
+               torch.zeros((), device=device), torch.full((), -1, device=device))
 
 
 def train_step(run: Run, batch: dict, step: int):
@@ -355,7 +384,7 @@ def record_setup(run: Run, result: dict, glue: bool) -> None:
                          "give the run more steps (--epochs, --max_train) or a shorter warm-up "
                          "(--fw_warmup_steps)")
     data = provenance(cfg.task, cfg.glue_dir) if glue else {"source": "given"}
-    result.update(budget=info, environment=environment(run.device), data=data)
+    result.update(budget=info, environment=environment(run.device), data=data, precision=run.precision)
     print(f"{cfg.task} {cfg.method} budget {cfg.budget}%: rank {info.get('ada_init_rank', info['rank'])} "
           f"on {info['n_matrices']} matrices, {info['initial_adapter_params']:,} adapter params"
           + (f" pruned to total rank {ada.b_target}" if ada else "") + f", {run.T} steps")

@@ -214,7 +214,8 @@ def finished(out, **changes):
     cfg = dataclasses.asdict(parse_args(f"{SPEC_OUT} --budget=0.5 --seed=0 --out_dir={out}".split(), Config))
     r = {"config": cfg | changes, "status": "ok", "metric": "accuracy", "final": 0.5, "best": 0.5,
          "epochs": [{"preds": [0, 1]}], "dev_labels": [0, 1], "budget": {"adapter_pct": 0.5},
-         "environment": {"device": "cpu"}, "data": provenance("sst2")}
+         "environment": {"device": "cpu"}, "data": provenance("sst2"),
+         "precision": sweep.resolve_precision("auto", "cpu")[0]}
     (out / "sst2_lora_b0.5_s0.json").write_text(json.dumps(r))
     return r
 
@@ -276,6 +277,24 @@ def test_a_giant_field_stops_the_preflight_with_exit_2(tmp_path, capsys):
         sweep.preflight(s, sweep.plan(s))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "train.tsv line 2: field larger than field limit" in err
+
+
+def test_resume_refuses_to_mix_precisions_and_reads_old_results_as_fp32_on_a_cpu(tmp_path, monkeypatch, capsys):
+    """auto is bf16 on a CPU with AMX/AVX512-BF16 now; a result without a recorded precision (the committed MiniLM
+    tables) ran auto as fp32 on a CPU. The resolved precisions are compared, not the flags."""
+    monkeypatch.setattr(sweep, "resolve_precision", lambda p, d: (p if p != "auto" else "bf16", "a bf16 CPU"))
+    r = finished(tmp_path)
+    del r["precision"]  # as written before precision was recorded: config precision auto, made on a CPU
+    (tmp_path / "sst2_lora_b0.5_s0.json").write_text(json.dumps(r))
+    with pytest.raises(SystemExit):
+        sweep.plan(settings(tmp_path))
+    assert "precision fp32 -> bf16 (--precision=fp32 continues it)" in capsys.readouterr().err
+    assert [x[:2] for x in sweep.plan(settings(tmp_path, "--precision=fp32"))] == [("done", "sst2_lora_b0.5_s0")]
+    (tmp_path / "sst2_lora_b0.5_s0.json").write_text(json.dumps(r | {"precision": "bf16"}))
+    assert [x[:2] for x in sweep.plan(settings(tmp_path))] == [("done", "sst2_lora_b0.5_s0")]
+    with pytest.raises(SystemExit):
+        sweep.plan(settings(tmp_path, "--precision=fp32"))
+    assert "precision bf16 -> fp32" in capsys.readouterr().err
 
 
 def test_budgets_on_one_rank_are_refused(tmp_path, capsys):

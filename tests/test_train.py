@@ -190,6 +190,26 @@ def test_method_state_follows_the_device_move(tmp_path, monkeypatch, method):
         assert sum(run.method.ada.rank_pattern()) == run.method.ada.b_target
 
 
+def test_auto_precision_is_bf16_where_the_hardware_has_it_and_the_result_records_it(tmp_path, monkeypatch, capsys):
+    import train as train_module
+    assert train_module.resolve_precision("auto", "cuda") == ("bf16", "auto: CUDA")
+    assert train_module.resolve_precision("fp32", "cuda") == ("fp32", "asked for")
+    monkeypatch.setattr(train_module, "cpu_bf16", lambda: "")
+    assert train_module.resolve_precision("auto", "cpu")[0] == "fp32"
+    r = train(tiny(tmp_path, precision="auto", epochs=1), toy_data())
+    assert r["precision"] == "fp32" and "precision: fp32 (auto: this CPU has neither AMX-BF16 nor" in \
+        capsys.readouterr().out
+    monkeypatch.setattr(train_module, "cpu_bf16", lambda: "AVX512-BF16")
+    assert train_module.resolve_precision("auto", "cpu") == ("bf16", "auto: this CPU has AVX512-BF16")
+    run = prepare(tiny(tmp_path, precision="auto"), toy_data())
+    with run.autocast():
+        assert run.precision == "bf16" and run.model(**next(run.epoch(0))).logits.dtype == torch.bfloat16
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    if flags:  # the detection reads the kernel's flags on Linux
+        monkeypatch.undo()
+        assert ("AVX512-BF16" in train_module.cpu_bf16()) == ("avx512_bf16" in flags)
+
+
 @pytest.mark.parametrize("method", ["lora", "adalora", "fwlora", "l2lora"])
 def test_every_method_under_bf16_autocast(tmp_path, method):
     """The GPU's default code path (bf16 autocast) on CPU: hooks, penalty and allocator see bf16 activations."""
