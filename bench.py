@@ -23,8 +23,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 from data import hub_reachable, synthetic
-from record import (METHODS, Clock, environment, parse_args, plain_output, run_name, train_ms,
-                    write_json)
+from record import (METHODS, Clock, environment, parse_args, plain_output, run_name, timing_file,
+                    train_ms, write_json)
+from stats import spearman
 from train import Config, check_config, check_finite, evaluate, prepare, train_step
 
 WARM = dict(fw_warmup_steps=10**9, fw_warmup_max_frac=1.0)  # FW-LoRA's Fisher warm-up on every step
@@ -178,12 +179,6 @@ def ops(b: Config, variants: dict = VARIANTS, warm: int = 3) -> dict:
     return table
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Rank correlation (no ties in continuous statistics): Pearson's r of the ranks."""
-    ra, rb = (x.argsort().argsort().double() for x in (a, b))
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
-
-
 def fisher_gate(cfg: Config, seeds: list[int]) -> dict:
     """The Fisher estimator against `exact` on real warm-ups: per seed, one FW-LoRA run (exact statistic) trains
     its K warm-up steps while a probe proxy with the run's settings reads the same X and G (the same gradients).
@@ -240,7 +235,7 @@ def runs(cfgs: dict, data: tuple | None = None) -> dict:
     out = {"configs": {m: dataclasses.asdict(c) for m, c in cfgs.items()}, "steps": len(base), "runs": table,
            "environment": environment(next(iter(prepared.values())).device)}
     name = run_name(dataclasses.replace(cfg, method="-".join(cfgs))).replace(":", "+").replace("=", "-")
-    write_json(os.path.join(cfg.out_dir, f"bench_runs_{name}.json"), out)
+    write_json(timing_file(cfg.out_dir, name), out)
     return out
 
 

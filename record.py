@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 from collections import defaultdict
 from contextlib import contextmanager
 
@@ -32,6 +33,7 @@ NAMES = {"lora": "LoRA", "head": "head only (floor)", "adalora": "AdaLoRA", "fwl
          "l2lora": "uniform L2 (control)", "fwshuffle": "shuffled FW (control)", "fwmax": "max-normalised FW (control)",
          "fwrank": "Fisher ranks (control)"}
 METHODS = tuple(NAMES)  # the one list of methods: train.py, the sweep and the tables take it from here
+SHORT = {m: name.split(" (")[0] for m, name in NAMES.items()}  # "uniform L2": pair names, legends
 # Config fields that cannot change a result: a finished run is reused whatever they were.
 IGNORED = ("out_dir", "log_every", "timing_skip", "save_adapters", "overwrite", "eval_adapters")
 # What report.py reads from a finished result: one schema, for the sweep's "done" and the report's reading alike.
@@ -56,6 +58,53 @@ def field_notes(cls) -> dict[str, str]:
         else:
             last = None
     return notes
+
+
+TIMING_PREFIX = "bench_runs_"  # side-by-side timing's files: bench.py writes, sweep and report read
+
+
+def timing_file(out_dir: str, name: str, ext: str = ".json") -> str:
+    """OUT/bench_runs_<name><ext>, name: <task>_<methods>_b<budget>_s<seed> (or a glob pattern)."""
+    return os.path.join(out_dir, f"{TIMING_PREFIX}{name}{ext}")
+
+
+def method_owns(field: str) -> bool:
+    """A field two methods of one comparison may differ in: the method, its lr (tuned per method)
+    and its own knobs (ada_*, fw_*: AdaLoRA's schedule, FW-LoRA's λ and statistic)."""
+    return field in ("method", "lr") or field.startswith(("ada_", "fw_"))
+
+
+def resolved(r: dict) -> dict:
+    """A result's config with what it resolved to as it ran: the device kind, the precision
+    (precision_of), a run's dev set."""
+    c, env = r["config"], r.get("environment", {})
+    device = str(env.get("device", c.get("device"))).split(":")[0]
+    out = c | {"device": device, "precision": precision_of(r)}
+    if "dev_labels" in r:
+        digest = zlib.crc32(str(r["dev_labels"]).encode())
+        out["dev set"] = f"{len(r['dev_labels'])} examples, labels crc32 {digest:08x}"
+    return out
+
+
+def differ(a: dict, b: dict, free=lambda field: False) -> list[str]:
+    """The fields in which configs a and b differ, the IGNORED ones and those free(field) aside."""
+    return sorted(k for k in set(a) | set(b)
+                  if k not in IGNORED and not free(k) and a.get(k) != b.get(k))
+
+
+def check_writable(folder: str) -> None:
+    """Make `folder` and write 1 MiB into it (an empty file fits even on a full disk); OSError if
+    that fails."""
+    os.makedirs(folder, exist_ok=True)
+    probe = os.path.join(folder, f".write-check{os.getpid()}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(2**20))
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
 
 
 def parse_args(argv: list[str], cls, doc: str = ""):
@@ -125,9 +174,7 @@ def result_paths(cfg) -> dict[str, str]:
                                           ("error", ".error.json"), ("adapters", ".safetensors"),
                                           ("peft", ".peft"))}
     try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        open(paths["error"] + ".tmp", "w").close()
-        os.remove(paths["error"] + ".tmp")
+        check_writable(cfg.out_dir)
     except OSError as e:
         raise ValueError(f"--out_dir={cfg.out_dir} is not a writable folder ({e.strerror}): choose another") from None
     if os.path.exists(paths["final"]) and not cfg.overwrite:
@@ -138,18 +185,19 @@ def result_paths(cfg) -> dict[str, str]:
 
 def write_file(path: str, write, mode: str = "w") -> None:
     """Atomic: `write(f)` into a temp file, then rename it over `path`. On failure (a full disk) the temp file is
-    removed, `path` keeps what it held, and the error names `path`."""
+    removed, `path` keeps what it held, and the error names `path`. Text is UTF-8 in any locale."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp, encoding = f"{path}.tmp{os.getpid()}", None if "b" in mode else "utf-8"
     try:
-        with open(tmp, mode) as f:
+        with open(tmp, mode, encoding=encoding) as f:
             write(f)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise OSError(e.errno, f"could not write {path}: {e.strerror}") from None
+    finally:
+        if os.path.exists(tmp):  # whatever stopped the write (a full disk, an error inside write)
+            os.remove(tmp)
 
 
 def write_folder(path: str, files: dict[str, bytes]) -> None:
@@ -388,7 +436,7 @@ def precision_of(r: dict) -> str:
 def read_result(path: str, warn: bool = True) -> dict | None:
     """A run's result JSON (finished or failed), or None with a warning naming the file and what is wrong."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             r = json.load(f)
         problem = None if isinstance(r, dict) and isinstance(r.get("config"), dict) and "status" in r else \
             "not a run result"

@@ -1,13 +1,12 @@
-"""The report: it only reads results. The comparison table (markdown), the paired statistics, the verdict and
-the figure (PNG), from a folder of run JSONs (record.py's).
+"""The report: it only reads results. The comparison table (markdown), the paired statistics
+(stats.py), the verdict and the figures (figures.py), from a folder of run JSONs (record.py's).
 
-    python report.py results/cpu        # writes results/cpu/table.md and figure.png, prints the table
+    python report.py results/cpu   # prints the table, then writes table.md and figure.png there
 
 Cells are the final epoch's dev metric (accuracy for SST-2, Matthews correlation for CoLA) as
-mean ± std over seeds with n; no epoch is picked on dev. Time is the training-step time (CUDA events or
-perf_counter, evaluation excluded) as a ratio to LoRA's, from whole runs trained side by side (bench.py runs).
-Runs of one method in one cell must share their configuration (but the seed): otherwise the report stops and
-names the differing fields rather than pool them.
+mean ± std over seeds with n; no epoch is picked on dev. Time is the training-step time (CUDA events
+or perf_counter, evaluation excluded) as a ratio to LoRA's, from whole runs trained side by side
+(bench.py runs). Seeds pool, and methods compare, only between runs alike in all else (check_comparable).
 """
 import glob
 import json
@@ -17,89 +16,92 @@ import sys
 from collections import defaultdict
 from types import SimpleNamespace
 
-import torch
-
 from data import TASKS
+from figures import dose_figure, rank_figure, save_png
 from fisher import LAMBDA, WEIGHTING
-from record import IGNORED, METHODS, NAMES, read_result, run_name, score, train_ms, write_file
+from record import (METHODS, NAMES, SHORT, TIMING_PREFIX, differ, method_owns, read_result,
+                    resolved, run_name, timing_file, train_ms, write_file)
+from stats import delta_w_norm, paired_bootstrap, t_interval
 
-MATRICES = ("query", "key", "value", "attn.out", "ffn.in", "ffn.out")
 TASK_METRIC = {t: m for t, (_, m) in TASKS.items()}
 
 
+def name_of(r: dict) -> str:
+    return run_name(SimpleNamespace(**r["config"]))
+
+
 def load(folder: str) -> tuple[list[dict], list[str]]:
-    """(finished runs, names of runs with no finished result): an .error.json counts only where no finished run
-    has that name, and only under a name the sweep makes (a typo's rejected run is not the table's)."""
+    """(finished runs, names of runs with no finished result): an .error.json counts where no finished
+    run has its name, of a method the sweep makes (a typo's rejected run is not the table's). A result
+    counts once, under its own name: a copy under another name is skipped."""
     if not os.path.isdir(folder):
         sys.exit(f"error: {folder} is not a folder: give the sweep's OUT folder (e.g. results/cpu)")
-    results = {p: read_result(p) for p in sorted(glob.glob(os.path.join(folder, "*.json")))
-               if not p.endswith(".partial.json") and not os.path.basename(p).startswith("bench_runs_")}
-    runs = [r for r in results.values() if r and r["status"] == "ok"]
-    done = {run_name(SimpleNamespace(**r["config"])) for r in runs}
+    paths = sorted(glob.glob(os.path.join(glob.escape(folder), "*.json")))
+    results = {p: read_result(p) for p in paths if not p.endswith(".partial.json")
+               and not os.path.basename(p).startswith(TIMING_PREFIX)}
+    runs = []
+    for p, r in ((p, r) for p, r in results.items() if r and r["status"] == "ok"):
+        if os.path.basename(p) == name_of(r) + ".json":
+            runs.append(r)
+        else:
+            print(f"warning: {p} holds the run {name_of(r)}, not the one its name says; skipped "
+                  f"(rename it {name_of(r)}.json if it is the only copy)", file=sys.stderr)
+    done = {name_of(r) for r in runs}
     failed = sorted(os.path.basename(p) for p, r in results.items() if r and r["status"] == "error"
                     and os.path.basename(p).removesuffix(".error.json") not in done
                     and r["config"].get("method") in METHODS)
     return runs, failed
 
 
-def check_pooling(runs: list[dict]) -> None:
-    """Runs of one method in one cell are pooled over seeds only: any other config difference stops the report."""
-    first, clash = {}, []
+def check_comparable(runs: list[dict]) -> None:
+    """Seeds pool (one method, one cell) only across runs that differ in the seed alone; methods
+    compare (one cell) only across runs that differ also in what a method owns (its lr and knobs). Any
+    other difference (model, precision, device, data, dev set, schedule) stops it, naming the fields."""
+    pools, cells, clash, across = {}, {}, [], []
+    show = lambda a, b, fields: ", ".join(f"{k} {a.get(k)!r} / {b.get(k)!r}" for k in fields[:6])
     for r in runs:
-        c = r["config"]
-        key = run_name(SimpleNamespace(**(c | {"seed": "*"})))  # the cell and method, and λ or lr where named
-        ref = first.setdefault(key, c)
-        diff = sorted(k for k in set(c) | set(ref) if k not in IGNORED + ("seed",) and c.get(k) != ref.get(k))
+        c = resolved(r)
+        pool = run_name(SimpleNamespace(**(r["config"] | {"seed": "*"})))  # method, cell, λ or lr
+        ref_name, ref = pools.setdefault(pool, (name_of(r), c))
+        diff = differ(ref, c, lambda k: k == "seed")
         if diff:
-            clash.append(f"  {run_name(SimpleNamespace(**c))} vs {run_name(SimpleNamespace(**ref))}: "
-                         + ", ".join(f"{k} {ref.get(k)!r} / {c.get(k)!r}" for k in diff[:6]))
+            clash.append(f"  {name_of(r)} vs {ref_name}: {show(ref, c, diff)}")
+        ref_name, ref = cells.setdefault((c["task"], c["budget"]), (name_of(r), c))
+        diff = differ(ref, c, lambda k: k == "seed" or method_owns(k))
+        if diff and not across:
+            across.append(f"{ref_name} and {name_of(r)} differ in {show(ref, c, diff)}")
     if clash:
-        sys.exit("error: runs of one method and cell differ in more than the seed, so they cannot be pooled:\n"
-                 + "\n".join(clash[:8]) + "\nKeep each configuration in its own folder (OUT=...).")
+        sys.exit("error: runs of one method and cell differ in more than the seed, so they cannot be "
+                 "pooled:\n" + "\n".join(clash[:8]) + "\nKeep each configuration in its own folder "
+                 "(OUT=...).")
+    if across:
+        sys.exit(f"error: {across[0]}: methods compare only on the same model, data, dev set, "
+                 "precision and schedule (each with its own lr and knobs); keep each configuration in "
+                 "its own folder (OUT=...)")
 
 
 def cell_name(task: str, budget: float) -> str:
     return f"{'SST-2 acc' if task == 'sst2' else 'CoLA MCC'} {budget:g}%"
 
 
+def cell_key(cell: tuple) -> tuple:
+    """The one order of cells (task, budget) and tasks (task,): SST-2 first, budgets ascending."""
+    return (cell[0] != "sst2", *cell[1:])
+
+
+def md_table(cols: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines: the header, its rule, then a line per row."""
+    line = lambda cells: "| " + " | ".join(cells) + " |"
+    return [line(cols), "|---" * len(cols) + "|", *map(line, rows)]
+
+
 def by_cell(runs: list[dict]) -> dict:
-    """{(task, budget): {method: {seed: run}}}, cells in a fixed order (SST-2 first, budgets ascending)."""
+    """{(task, budget): {method: {seed: run}}}, cells in cell_key order."""
     cells = defaultdict(lambda: defaultdict(dict))
     for r in runs:
         c = r["config"]
         cells[(c["task"], c["budget"])][c["method"]][c["seed"]] = r
-    return dict(sorted(cells.items(), key=lambda kv: (kv[0][0] != "sst2", kv[0][1])))
-
-
-def paired_bootstrap(a: list[dict], b: list[dict], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Difference of the mean final-epoch metric, a - b, and its 95% interval: a paired bootstrap over seeds
-    and dev examples (Dror et al. 2018). a[i] and b[i] share seed i (same data order and init); each draw
-    resamples the seeds and the dev examples, the same ones for both methods."""
-    metric = a[0]["metric"]
-    labels = torch.tensor(a[0]["dev_labels"])
-    P = {k: torch.tensor([r["epochs"][-1]["preds"] for r in runs]) for k, runs in (("a", a), ("b", b))}  # seeds × N
-    g = torch.Generator().manual_seed(seed)
-    S, N = P["a"].shape
-    seeds, ex = torch.randint(0, S, (n_boot, S), generator=g), torch.randint(0, N, (n_boot, N), generator=g)
-    y = labels[ex][:, None, :]  # boot × 1 × N
-
-    draw = lambda p: torch.gather(p[seeds], 2, ex[:, None, :].expand(-1, S, -1))  # boot × S × N, resampled
-    diffs = score(draw(P["a"]), y, metric).mean(-1) - score(draw(P["b"]), y, metric).mean(-1)
-    point = statistics.mean(r["final"] for r in a) - statistics.mean(r["final"] for r in b)
-    return point, diffs.quantile(0.025).item(), diffs.quantile(0.975).item()
-
-
-# Student's t, 97.5% quantile, df = 1 … 30 (standard tables; tests check it against scipy where installed).
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def t_interval(d: list[float]) -> tuple[float, float, float, int, int]:
-    """(mean, low, high, n, how many > 0) of per-seed values d: the 95% t-interval, df = n - 1 (beyond 30: the
-    df = 30 quantile, slightly wide). A paired interval when d are per-seed differences a_s - b_s."""
-    n, m = len(d), statistics.mean(d)
-    half = T975[min(n - 1, 30) - 1] * statistics.stdev(d) / n ** 0.5 if n > 1 else float("nan")
-    return m, m - half, m + half, n, sum(x > 0 for x in d)
+    return dict(sorted(cells.items(), key=lambda kv: cell_key(kv[0])))
 
 
 COMPARISONS = [("lora", "head")] + [(m, "lora") for m in METHODS if m not in ("lora", "head")] + \
@@ -107,361 +109,322 @@ COMPARISONS = [("lora", "head")] + [(m, "lora") for m in METHODS if m not in ("l
 
 
 def comparisons(cells: dict) -> dict:
-    """{(a, b): {cell: {"t": paired t over seeds, "boot": paired bootstrap}}} for the pairs in COMPARISONS (the
-    adapters' gain over the head, every method against LoRA, FW-LoRA against AdaLoRA and each control), over the
-    seeds both have."""
+    """{(a, b): {cell: {"t": paired t over seeds, "boot": paired bootstrap}}} for the COMPARISONS (the
+    adapters' gain, each method against LoRA, FW-LoRA against the rest), over the seeds both have."""
     out = defaultdict(dict)
     for cell, methods in cells.items():
         for a, b in COMPARISONS:
             seeds = sorted(set(methods.get(a, {})) & set(methods.get(b, {})))
             if seeds:
                 ra, rb = [methods[a][s] for s in seeds], [methods[b][s] for s in seeds]
-                out[(a, b)][cell] = {"t": t_interval([x["final"] - y["final"] for x, y in zip(ra, rb)]),
-                                     "boot": paired_bootstrap(ra, rb)}
+                d = [x["final"] - y["final"] for x, y in zip(ra, rb)]
+                out[(a, b)][cell] = {"t": t_interval(d), "boot": paired_bootstrap(ra, rb)}
     return out
 
 
-def degenerate(r: dict) -> bool:
-    """A run whose final predictions are one class (CoLA's MCC 0 hides it)."""
-    return len(set(r["epochs"][-1]["preds"])) < 2
-
-
-def bench_ratios(folder: str) -> dict:
-    """{task: {method: training time ratio to LoRA}} from the side-by-side runs (bench.py runs) in the folder,
-    computed from their recorded buckets (train_ms: fwrank's pre-pass counts)."""
-    out = {}
-    for path in sorted(glob.glob(os.path.join(folder, "bench_runs_*.json"))):
-        b = json.load(open(path))
-        base = train_ms(b["runs"]["lora"]["buckets_ms_total"])
-        out[next(iter(b["configs"].values()))["task"]] = {m.split(":")[0]: train_ms(row["buckets_ms_total"]) / base
-                                                          for m, row in b["runs"].items()}  # "adalora:lr=…": its own
+def bench_ratios(folder: str, runs: list[dict]) -> dict:
+    """{task: {method: training time ratio to LoRA}} from the folder's side-by-side runs (bench.py runs),
+    by their buckets (train_ms: fwrank's pre-pass counts). A damaged file, or one that cannot stand
+    beside the table (timing_problem), is skipped, with a warning."""
+    out, table = {}, {name_of(r): r for r in runs}
+    for path in sorted(glob.glob(timing_file(glob.escape(folder), "*"))):
+        try:
+            with open(path, encoding="utf-8") as f:
+                b = json.load(f)
+            problem = timing_problem(b, table)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            problem = f"unreadable ({type(e).__name__}: {e})"
+        if problem:
+            print(f"warning: {path}: {problem}; skipped (a sweep on this folder times it again)",
+                  file=sys.stderr)
+            continue
+        ms = {m.split(":")[0]: train_ms(row["buckets_ms_total"]) for m, row in b["runs"].items()}
+        out[b["configs"]["lora"]["task"]] = {m: t / ms["lora"] for m, t in ms.items()}  # adalora:lr=…
     return out
 
 
-def excludes_zero(lo: float, hi: float) -> bool:
-    return lo > 0 or hi < 0
+def timing_problem(b: dict, table: dict) -> str | None:
+    """Why a timing file cannot stand beside the table (None: it can): no LoRA to divide by, methods
+    that differ in more than what a method owns, or a run unlike the table's of its name."""
+    if "lora" not in b["runs"] or "lora" not in b["configs"]:
+        return "no LoRA run, which every time is a ratio to"
+    lora = resolved({"config": b["configs"]["lora"], "environment": b["environment"]})
+    for m, c in b["configs"].items():
+        c = resolved({"config": c, "environment": b["environment"]})
+        name = run_name(SimpleNamespace(**c))
+        mine = resolved(table[name]) if name in table else c  # a method the table lacks: as itself
+        for diff, what in ((differ(lora, c, method_owns), f"its {m} and lora runs differ in"),
+                           (differ(mine, c, lambda k: k == "dev set"),
+                            f"its {m} run is not the table's {name}: it differs in")):
+            if diff:
+                return f"{what} {', '.join(diff)}"
+    return None
 
 
 def fmt_diff(d: float, lo: float, hi: float, n: int | None = None, pos: int | None = None) -> str:
     """×100, bold when the interval excludes 0; with n: how many seeds' differences are positive."""
-    bold = "**" if excludes_zero(lo, hi) else ""
-    return f"{bold}{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{bold}" + (f" ({pos}/{n} > 0)" if n else "")
+    bold = "**" if lo > 0 or hi < 0 else ""
+    seeds = f" ({pos}/{n} > 0)" if n else ""
+    return f"{bold}{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{bold}{seeds}"
 
 
 def pair_name(a: str, b: str) -> str:
-    short = lambda m: NAMES[m].split(" (")[0]
-    return "adapters' gain: LoRA − head" if (a, b) == ("lora", "head") else f"{short(a)} − {short(b)}"
+    return "adapters' gain: LoRA − head" if (a, b) == ("lora", "head") else f"{SHORT[a]} − {SHORT[b]}"
 
 
-def tables(runs: list[dict], folder: str) -> tuple[str, dict]:
-    cells, rows = by_cell(runs), [m for m in METHODS if any(m in c for c in by_cell(runs).values())]
-    head = "| method | " + " | ".join(cell_name(*c) for c in cells) + " |\n" + "|---" * (len(cells) + 1) + "|"
-    out = ["Dev metric ×100 at the final epoch (the headline; no epoch is picked on dev): mean ± std (n seeds), "
-           "the best epoch's mean after it, and the runs that predict a single class (degenerate):", "", head]
-    for m in rows:
-        vals = []
-        for c in cells.values():
-            rs = list(c.get(m, {}).values())
-            if not rs:
-                vals.append("-")
-                continue
-            fin, best = [100 * r["final"] for r in rs], [100 * r["best"] for r in rs]
-            sd = f" ± {statistics.stdev(fin):.1f}" if len(fin) > 1 else ""
-            deg = sum(map(degenerate, rs))
-            vals.append(f"{statistics.mean(fin):.1f}{sd} ({len(fin)}); best {statistics.mean(best):.1f}"
-                        + (f"; **{deg} degenerate**" if deg else ""))
-        out.append(f"| {NAMES[m]} | " + " | ".join(vals) + " |")
-    lr = lambda c, m: "/".join(sorted({f"{r['config']['lr']:g}" for r in c.get(m, {}).values()})) or "-"
-    out += ["", f"Learning rates ({' / '.join(cell_name(*c) for c in cells)}): " + ", ".join(
-        f"{NAMES[m].split(' (')[0]} {' / '.join(lr(c, m) for c in cells.values())}" for m in rows) + "."]
+def main_cell(rs: list[dict]) -> str:
+    """One method in one cell: mean ± std (n) of the final metric ×100, the best epoch's mean, and the
+    degenerate runs (final predictions of one class: CoLA's MCC 0 hides them)."""
+    fin, best = [100 * r["final"] for r in rs], [100 * r["best"] for r in rs]
+    sd = f" ± {statistics.stdev(fin):.1f}" if len(fin) > 1 else ""
+    deg = sum(len(set(r["epochs"][-1]["preds"])) < 2 for r in rs)
+    return f"{statistics.mean(fin):.1f}{sd} ({len(fin)}); best {statistics.mean(best):.1f}" + \
+        (f"; **{deg} degenerate**" if deg else "")
+
+
+INTRO = {"t": "Paired differences ×100 (a − b): the mean over seeds of the per-seed difference, its "
+              "95% paired t-interval over seeds (df = n − 1), and how many seeds' differences are "
+              "positive; **bold**: the interval excludes 0:",
+         "boot": "Secondary: the same differences with a 95% paired bootstrap interval over seeds × "
+                 "dev examples (2,000 draws). With few seeds it is too narrow: each seed resample is "
+                 "likely, so it covers about [min, max] of the per-seed differences. The verdict uses "
+                 "the t-intervals."}
+
+
+def tables(runs: list[dict], ratios: dict) -> tuple[str, dict]:
+    cells = by_cell(runs)
+    rows = [m for m in METHODS if any(m in c for c in cells.values())]
+    cols = [cell_name(*c) for c in cells]
+
+    def per_method(f, methods=rows):  # a row per method: f(its runs) in each cell, "-" where none
+        return [[NAMES[m], *(f(list(c[m].values())) if c.get(m) else "-" for c in cells.values())]
+                for m in methods]
+    out = ["Dev metric ×100 at the final epoch (the headline; no epoch is picked on dev): mean ± "
+           "std (n seeds), the best epoch's mean after it, and the runs that predict a single class "
+           "(degenerate):", "", *md_table(["method", *cols], per_method(main_cell))]
+    lr = lambda c, m: "/".join(sorted({f"{r['config']['lr']:g}" for r in c.get(m, {}).values()}))
+    lrs = ", ".join(f"{SHORT[m]} {' / '.join(lr(c, m) or '-' for c in cells.values())}" for m in rows)
+    out += ["", f"Learning rates ({' / '.join(cols)}): {lrs}."]
     comp = comparisons(cells)
-    out += ["", "Paired differences ×100 (a − b): the mean over seeds of the per-seed difference, its 95% paired "
-            "t-interval over seeds (df = n − 1), and how many seeds' differences are positive; **bold**: the "
-            "interval excludes 0:", "", head.replace("| method |", "| a − b |")]
-    for (a, b), per_cell in comp.items():
-        out.append(f"| {pair_name(a, b)} | " + " | ".join(fmt_diff(*per_cell[c]["t"]) if c in per_cell else "-"
-                                                         for c in cells) + " |")
-    out += ["", "Secondary: the same differences with a 95% paired bootstrap interval over seeds × dev examples "
-            "(2,000 draws). With few seeds it is too narrow: each seed resample is likely, so it covers about "
-            "[min, max] of the per-seed differences. The verdict uses the t-intervals.", "",
-            head.replace("| method |", "| a − b |")]
-    for (a, b), per_cell in comp.items():
-        out.append(f"| {pair_name(a, b)} | " + " | ".join(fmt_diff(*per_cell[c]["boot"]) if c in per_cell else "-"
-                                                         for c in cells) + " |")
-    out += ["", "Achieved adapter parameters, % of the base model (nominal budget in the column):", "", head]
-    for m in rows:
-        out.append(f"| {NAMES[m]} | " + " | ".join(f"{statistics.mean(r['budget']['adapter_pct'] for r in c[m].values()):.3f}%"
-                                                if c.get(m) else "-" for c in cells.values()) + " |")
-    spread = [f"| {NAMES[m]} | " + " | ".join(
-        f"{min(r['fw']['weight_min'] for r in c[m].values()):.3f}–{max(r['fw']['weight_max'] for r in c[m].values()):.3f}"
-        if c.get(m) else "-" for c in cells.values()) + " |" for m in rows if any(
-        "fw" in r for c in cells.values() for r in c.get(m, {}).values())]
-    if spread:
-        out += ["", "Penalty weights w_m (min–max over matrices and seeds; every variant has mean 1 − 1/M):", "", head,
-                *spread]
-    ratios = bench_ratios(folder)
+    for kind, intro in INTRO.items():
+        diffs = [[pair_name(a, b), *(fmt_diff(*per[c][kind]) if c in per else "-" for c in cells)]
+                 for (a, b), per in comp.items()]
+        out += ["", intro, "", *md_table(["a − b", *cols], diffs)]
+    pct = lambda rs: f"{statistics.mean(r['budget']['adapter_pct'] for r in rs):.3f}%"
+    out += ["", "Achieved adapter parameters, % of the base model (nominal budget in the column):",
+            "", *md_table(["method", *cols], per_method(pct))]
+    fw = [m for m in rows if any("fw" in r for c in cells.values() for r in c.get(m, {}).values())]
+    spread = lambda rs: f"{min(r['fw']['weight_min'] for r in rs):.3f}–" \
+                        f"{max(r['fw']['weight_max'] for r in rs):.3f}"
+    if fw:
+        out += ["", "Penalty weights w_m (min–max over matrices and seeds; every variant has mean "
+                "1 − 1/M):", "", *md_table(["method", *cols], per_method(spread, fw))]
     if ratios:
-        out += ["", "Training time as a ratio to LoRA, whole runs trained side by side in one process "
-                "(bench.py runs; the sweep's own per-run times share the CPU and are not used):", "",
-                "| method | " + " | ".join(ratios) + " |", "|---" * (len(ratios) + 1) + "|"]
-        for m in [m for m in METHODS if any(m in t for t in ratios.values())]:
-            out.append(f"| {NAMES[m]} | " + " | ".join(f"{t[m]:.3f}×" if m in t else "-" for t in ratios.values()) + " |")
+        timed = [m for m in METHODS if any(m in t for t in ratios.values())]
+        ratio = lambda t, m: f"{t[m]:.3f}×" if m in t else "-"
+        out += ["", "Training time as a ratio to LoRA, whole runs trained side by side in one "
+                "process (bench.py runs; the sweep's own per-run times share the CPU and are not "
+                "used):", "",
+                *md_table(["method", *ratios], [[NAMES[m], *(ratio(t, m) for t in ratios.values())]
+                                                for m in timed])]
     return "\n".join(out), comp
 
 
+QUESTIONS = [  # (question, a, b): what the table exists for, each answered from a − b
+    ("Do the adapters beat the head alone (the floor)?", "lora", "head"),
+    ("Does FW-LoRA beat LoRA?", "fwlora", "lora"),
+    ("Does FW-LoRA match AdaLoRA?", "fwlora", "adalora"),
+    ("Does FW-LoRA beat the uniform-L2 control (same penalty, equal weights)?", "fwlora", "l2lora"),
+    ("Does FW-LoRA beat the shuffled control (same weights, random matrices)?", "fwlora",
+     "fwshuffle"),
+    ("Does FW-LoRA beat the sharper, max-normalised weighting?", "fwlora", "fwmax"),
+    ("Do Fisher-allocated ranks (fwrank) beat LoRA?", "fwrank", "lora")]
+
+
 def verdict(comp: dict, runs: list[dict], ratios: dict) -> str:
-    """The questions the table exists for, each answered from its paired intervals, cell by cell."""
+    """The QUESTIONS, each answered from its paired intervals, cell by cell."""
     def answer(a, b):
         per = {c: v["t"] for c, v in comp.get((a, b), {}).items()}
         if not per:
             return "not run"
-        parts = [f"{cell_name(*c)}: {fmt_diff(*t).replace('**', '')} "
-                 f"({'higher' if t[1] > 0 else 'lower' if t[2] < 0 else 'no difference resolved'})"
+        word = lambda t: "higher" if t[1] > 0 else "lower" if t[2] < 0 else "no difference resolved"
+        parts = [f"{cell_name(*c)}: {fmt_diff(*t).replace('**', '')} ({word(t)})"
                  for c, t in per.items()]
         wins, losses = sum(t[1] > 0 for t in per.values()), sum(t[2] < 0 for t in per.values())
-        return (f"higher in {wins}, lower in {losses}, unresolved in {len(per) - wins - losses} of {len(per)} "
-                f"cells. " + "; ".join(parts))
+        return (f"higher in {wins}, lower in {losses}, unresolved in {len(per) - wins - losses} of "
+                f"{len(per)} cells. " + "; ".join(parts))
     n, c = len({r["config"]["seed"] for r in runs}), runs[0]["config"]
     lines = ["Verdict (written by report.py from the paired t-intervals above):", "",
-             f"- Do the adapters beat the head alone (the floor)? {answer('lora', 'head')}",
-             f"- Does FW-LoRA beat LoRA? {answer('fwlora', 'lora')}",
-             f"- Does FW-LoRA match AdaLoRA? {answer('fwlora', 'adalora')}",
-             f"- Does FW-LoRA beat the uniform-L2 control (same penalty, equal weights)? {answer('fwlora', 'l2lora')}",
-             f"- Does FW-LoRA beat the shuffled control (same weights, random matrices)? {answer('fwlora', 'fwshuffle')}",
-             f"- Does FW-LoRA beat the sharper, max-normalised weighting? {answer('fwlora', 'fwmax')}",
-             f"- Do Fisher-allocated ranks (fwrank) beat LoRA? {answer('fwrank', 'lora')}"]
+             *(f"- {question} {answer(a, b)}" for question, a, b in QUESTIONS)]
     if ratios:
-        lines.append("- Time, side by side (× LoRA): " + "; ".join(
-            f"{task}: " + ", ".join(f"{NAMES[m].split(' (')[0]} {v:.3f}" for m, v in t.items() if m != "lora")
-            for task, t in ratios.items()))
-    capped = ", ".join(f"{t} capped at {k:,}" for t, k in sorted({(r["config"]["task"], r["config"].get("max_train", 0))
-                                                                   for r in runs}) if k)
+        others = lambda t: ", ".join(f"{SHORT[m]} {v:.3f}" for m, v in t.items() if m != "lora")
+        lines.append("- Time, side by side (× LoRA): " + "; ".join(f"{task}: {others(t)}"
+                                                                    for task, t in ratios.items()))
+    caps = sorted({(r["config"]["task"], r["config"].get("max_train", 0)) for r in runs})
+    capped = ", ".join(f"{t} capped at {k:,}" for t, k in caps if k)
     lines += ["", f"What this can and cannot show: {n} seeds of `{c['model']}` "
-              f"({'training sets: ' + capped if capped else 'full training sets'}) on GLUE dev. An interval "
-              "that includes 0 means the difference is not resolved at this n, not that the methods are equal; "
-              "an interval that excludes 0 is evidence for this model, data size and schedule only, not for "
-              "roberta-base at the paper setting."]
+              f"({'training sets: ' + capped if capped else 'full training sets'}) on GLUE dev. An "
+              "interval that includes 0 means the difference is not resolved at this n, not that the "
+              "methods are equal; an interval that excludes 0 is evidence for this model, data size "
+              "and schedule only, not for roberta-base at the paper setting."]
     return "\n".join(lines)
 
 
-DOSE = ("fwlora", "l2lora", "fwmax")  # the dose-response's methods: the hypothesis, its uniform and sharper controls
+DOSE = ("fwlora", "l2lora", "fwmax")  # the hypothesis, its uniform and its sharper controls
 
 
 def dose_cells(runs: list[dict]) -> dict:
-    """{(task, budget): {λ: {method: {seed: run}}}} of the DOSE methods, and LoRA's runs under λ = 0 (no penalty),
-    where more than one λ was run."""
+    """{(task, budget): {λ: {method: {seed: run}}}} of the DOSE methods, and LoRA's runs under λ = 0
+    (no penalty), where more than one λ was run."""
     cells = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     for r in runs:
         c = r["config"]
         if c["method"] in DOSE + ("lora",) and "delta_w_fro" in r:
-            cells[(c["task"], c["budget"])][0.0 if c["method"] == "lora" else c["fw_lambda"]][c["method"]][c["seed"]] = r
-    return {k: dict(sorted(v.items())) for k, v in sorted(cells.items(), key=lambda kv: (kv[0][0] != "sst2", kv[0][1]))
-            if len([lam for lam in v if lam > 0]) > 1}
+            lam = 0.0 if c["method"] == "lora" else c["fw_lambda"]
+            cells[(c["task"], c["budget"])][lam][c["method"]][c["seed"]] = r
+    ordered = sorted(cells.items(), key=lambda kv: cell_key(kv[0]))
+    return {k: dict(sorted(v.items())) for k, v in ordered if len([lam for lam in v if lam > 0]) > 1}
 
 
-def delta_w_norm(r: dict) -> float:
-    """‖ΔW‖_F of the whole adapter: √(Σ_m ‖ΔW_m‖_F²)."""
-    return sum(v * v for v in r["delta_w_fro"].values()) ** 0.5
+def spread_bound(fw: list[dict]) -> str:
+    """FW-LoRA's largest |w_m − w̄| over seeds and its bound: |w_m − w̄| = |I_m − 1/M| <= max I_m."""
+    if not fw:
+        return "-"
+    gap = lambda r, bar: max(r["fw"]["weight_max"] - bar, bar - r["fw"]["weight_min"])
+    worst = max(gap(r, 1 - 1 / r["budget"]["n_matrices"]) for r in fw)
+    return f"{worst:.4f} ≤ {max(r['fw']['importance_max'] for r in fw):.4f}"
+
+
+def dose_row(lam: float, ms: dict, lora: dict) -> list[str]:
+    """One λ of a dose cell: each DOSE method's metric, the paired FW − L2 and fwmax − L2
+    t-intervals, each one's ‖ΔW‖ against LoRA's of the same seed, FW-LoRA's spread and bound."""
+    def metric(m):
+        f = [100 * r["final"] for r in ms.get(m, {}).values()]
+        if len(f) > 1:
+            return f"{statistics.mean(f):.1f} ± {statistics.stdev(f):.1f} ({len(f)})"
+        return f"{f[0]:.1f} (1)" if f else "-"
+
+    def paired(a, b):
+        seeds = sorted(set(ms.get(a, {})) & set(ms.get(b, {})))
+        d = [ms[a][s]["final"] - ms[b][s]["final"] for s in seeds]
+        return fmt_diff(*t_interval(d)) if len(seeds) > 1 else "-"
+
+    def shrink(m):
+        seeds = sorted(set(ms.get(m, {})) & set(lora))
+        ratios = [delta_w_norm(ms[m][s]) / delta_w_norm(lora[s]) for s in seeds]
+        return f"{statistics.mean(ratios):.2f}" if seeds else "-"
+    return [f"{lam:g}", *map(metric, DOSE), paired("fwlora", "l2lora"), paired("fwmax", "l2lora"),
+            " / ".join(map(shrink, DOSE)), spread_bound(list(ms.get("fwlora", {}).values()))]
 
 
 def dose_response(cells: dict) -> str:
-    """Per cell and λ: each DOSE method's metric, its ‖ΔW‖ against LoRA's of the same seed, the paired FW − L2 and
-    fwmax − L2 t-intervals, and FW-LoRA's measured weight spread beside its bound max_m |w_m − w̄| <= max_m I_m
-    (w_m = 1 − I_m and w̄ = 1 − 1/M, so |w_m − w̄| = |I_m − 1/M| <= max I_m)."""
-    out = ["## Dose-response in λ", "", "Dev metric ×100 (mean ± std, n seeds); ‖ΔW‖ as a fraction of LoRA's on the "
-           "same seed (mean; 1 = no shrinkage); paired differences ×100 with 95% t-intervals over seeds "
-           "(**bold**: excludes 0); FW-LoRA's largest |w_m − w̄| over seeds against its bound, the largest I_m."]
+    """Per cell, a dose_row per λ."""
+    out = ["## Dose-response in λ", "", "Dev metric ×100 (mean ± std, n seeds); ‖ΔW‖ as a fraction of "
+           "LoRA's on the same seed (mean; 1 = no shrinkage); paired differences ×100 with 95% "
+           "t-intervals over seeds (**bold**: excludes 0); FW-LoRA's largest |w_m − w̄| over seeds "
+           "against its bound, the largest I_m."]
+    cols = ["λ", *(SHORT[m] for m in DOSE), "FW − L2", "fwmax − L2",
+            "‖ΔW‖ ÷ LoRA's (FW / L2 / fwmax)", "max\\|w − w̄\\| ≤ max I_m"]
     for (task, budget), by_lam in cells.items():
         lora = by_lam.get(0.0, {}).get("lora", {})
-        out += ["", f"**{cell_name(task, budget)}**" + (f" (LoRA: {100 * statistics.mean(r['final'] for r in lora.values()):.1f}, "
-                                                        f"n = {len(lora)})" if lora else ""), "",
-                "| λ | " + " | ".join(NAMES[m].split(" (")[0] for m in DOSE) + " | FW − L2 | fwmax − L2 | ‖ΔW‖ ÷ LoRA's "
-                "(FW / L2 / fwmax) | max\\|w − w̄\\| ≤ max I_m |", "|---" * 8 + "|"]
-        for lam, ms in ((lam, ms) for lam, ms in by_lam.items() if lam > 0):
-            def metric(m):
-                f = [100 * r["final"] for r in ms.get(m, {}).values()]
-                return f"{statistics.mean(f):.1f} ± {statistics.stdev(f):.1f} ({len(f)})" if len(f) > 1 else \
-                    (f"{f[0]:.1f} (1)" if f else "-")
-
-            def paired(a, b):
-                seeds = sorted(set(ms.get(a, {})) & set(ms.get(b, {})))
-                return fmt_diff(*t_interval([ms[a][s]["final"] - ms[b][s]["final"] for s in seeds])) \
-                    if len(seeds) > 1 else "-"
-
-            def shrink(m):
-                seeds = sorted(set(ms.get(m, {})) & set(lora))
-                return f"{statistics.mean(delta_w_norm(ms[m][s]) / delta_w_norm(lora[s]) for s in seeds):.2f}" \
-                    if seeds else "-"
-            fw = list(ms.get("fwlora", {}).values())
-            spread = (f"{max(max(r['fw']['weight_max'] - (1 - 1 / r['budget']['n_matrices']), (1 - 1 / r['budget']['n_matrices']) - r['fw']['weight_min']) for r in fw):.4f} ≤ "
-                      f"{max(r['fw']['importance_max'] for r in fw):.4f}") if fw else "-"
-            out.append(f"| {lam:g} | " + " | ".join(metric(m) for m in DOSE) + f" | {paired('fwlora', 'l2lora')} | "
-                       f"{paired('fwmax', 'l2lora')} | {' / '.join(shrink(m) for m in DOSE)} | {spread} |")
+        mean = lambda: 100 * statistics.mean(r["final"] for r in lora.values())
+        title = f"**{cell_name(task, budget)}**" + (f" (LoRA: {mean():.1f}, n = {len(lora)})" if lora else "")
+        rows = [dose_row(lam, ms, lora) for lam, ms in by_lam.items() if lam > 0]
+        out += ["", title, "", *md_table(cols, rows)]
     return "\n".join(out)
 
 
-def dose_figure(cells: dict, path: str) -> None:
-    """Per cell: the metric and ‖ΔW‖ ÷ LoRA's against λ for the DOSE methods, with 95% t-intervals over seeds."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(cells), 2, figsize=(11, 3.4 * len(cells)), squeeze=False)
-    for row, ((task, budget), by_lam) in zip(axes, cells.items()):
-        lora = by_lam.get(0.0, {}).get("lora", {})
-        for ax, (what, value) in zip(row, (("dev metric ×100", lambda r, s: 100 * r["final"]),
-                                           ("‖ΔW‖ ÷ LoRA's (same seed)", lambda r, s: delta_w_norm(r) / delta_w_norm(lora[s])))):
-            for k, m in enumerate(DOSE):
-                pts = [(lam, t_interval([value(r, s) for s, r in ms[m].items() if s in lora or "‖" not in what]))
-                       for lam, ms in by_lam.items() if lam > 0 and len(ms.get(m, {})) > 1]
-                if pts:
-                    x = [lam * (1 + 0.08 * (k - 1)) for lam, _ in pts]  # side by side, not on top of each other
-                    ax.errorbar(x, [t[0] for _, t in pts], yerr=[[t[0] - t[1] for _, t in pts], [t[2] - t[0] for _, t in pts]],
-                                marker="o", capsize=3, label=NAMES[m].split(" (")[0])
-            if what.startswith("dev") and lora:
-                ax.axhline(100 * statistics.mean(r["final"] for r in lora.values()), color="grey", ls="--", label="LoRA")
-            ax.set_xscale("log")
-            ax.set_xlabel("λ")
-            ax.set_title(f"{cell_name(task, budget)}: {what}", fontsize=9)
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    write_file(path, lambda f: fig.savefig(f, dpi=110, format="png"), "wb")
-    plt.close(fig)
-
-
 def tuning(runs: list[dict]) -> str:
-    """The held-out-train tuning: per task, each method's held-out metric at each lr, and the lr it gets."""
+    """The held-out-train tuning: per task, each method's held-out metric at each lr, the lr it gets."""
     grid = defaultdict(lambda: defaultdict(dict))
     for r in runs:
         c = r["config"]
         grid[c["task"]][c["method"]][c["lr"]] = r
-    out = [f"## Learning-rate tuning on {runs[0]['config']['heldout']:,} held-out training examples (dev unread)"]
-    for task, methods in sorted(grid.items(), key=lambda kv: kv[0] != "sst2"):
+    out = [f"## Learning-rate tuning on {runs[0]['config']['heldout']:,} held-out training examples "
+           "(dev unread)"]
+    for task, methods in sorted(grid.items(), key=lambda kv: cell_key((kv[0],))):
         lrs = sorted({lr for m in methods.values() for lr in m})
-        out += ["", f"**{task}** ({TASK_METRIC[task]} ×100 on the held-out slice, seed "
-                    f"{'/'.join(sorted({str(r['config']['seed']) for m in methods.values() for r in m.values()}))}):",
-                "", "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |", "|---" * (len(lrs) + 2) + "|"]
+        seeds = "/".join(sorted({str(r["config"]["seed"]) for m in methods.values() for r in m.values()}))
+        rows = []
         for m, by_lr in methods.items():
             best = max(by_lr, key=lambda lr: by_lr[lr]["final"])
-            out.append(f"| {NAMES[m]} | " + " | ".join(
-                (f"**{100 * by_lr[lr]['final']:.1f}**" if lr == best else f"{100 * by_lr[lr]['final']:.1f}")
-                if lr in by_lr else "-" for lr in lrs) + f" | {best:g} |")
+            value = lambda lr: f"{100 * by_lr[lr]['final']:.1f}"
+            cell = lambda lr: "-" if lr not in by_lr else f"**{value(lr)}**" if lr == best else value(lr)
+            rows.append([NAMES[m], *map(cell, lrs), f"{best:g}"])
+        out += ["", f"**{task}** ({TASK_METRIC[task]} ×100 on the held-out slice, seed {seeds}):", "",
+                *md_table(["method", *(f"lr {lr:g}" for lr in lrs), "chosen"], rows)]
     return "\n".join(out)
 
 
-def matrix_grid(names_values: dict) -> tuple[list[list[float]], int]:
-    """{module name: value} -> 6 × n_layers grid (rows: q, k, v, attn out, FFN in, FFN out)."""
-    grid = defaultdict(dict)
-    for name, v in names_values.items():
-        layer = int(name.split(".layer.")[1].split(".")[0])
-        kind = (0 if name.endswith("query") else 1 if name.endswith("key") else 2 if name.endswith("value") else
-                3 if "attention.output" in name else 4 if "intermediate" in name else 5)
-        grid[kind][layer] = v
-    n = 1 + max(l for row in grid.values() for l in row)
-    return [[grid[k].get(l, float("nan")) for l in range(n)] for k in range(6)], n
-
-
-def figure(runs: list[dict], path: str) -> bool:
-    """Per task, at the budget nearest 0.2%, lowest seed: AdaLoRA's final ranks, FW-LoRA's I_m and weights, and
-    fwrank's allocated ranks, per layer and matrix."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    pick, seed0 = {}, min(r["config"]["seed"] for r in runs)
-    for r in runs:
-        c = r["config"]
-        if c["method"] in ("adalora", "fwlora", "fwrank") and c["seed"] == seed0:
-            key = (c["task"], c["method"])
-            if key not in pick or abs(c["budget"] - 0.2) < abs(pick[key]["config"]["budget"] - 0.2):
-                pick[key] = r
-    tasks = sorted({t for t, _ in pick if (t, "adalora") in pick and (t, "fwlora") in pick})
-    if not tasks:
-        return False
-    fig, axes = plt.subplots(len(tasks), 4, figsize=(17, 3.2 * len(tasks)), squeeze=False)
-    for row, task in zip(axes, tasks):
-        ada, fw, rank = pick[(task, "adalora")], pick[(task, "fwlora")], pick.get((task, "fwrank"))
-        per, ranks = fw["fw"]["per_matrix"], ada["adalora"]["rank_pattern"]
-        rho = spearman([ranks[k] for k in per], [per[k]["importance"] for k in per])
-        panels = [(ranks, f"AdaLoRA final rank ({ada['config']['budget']:g}%)", "viridis"),
-                  ({k: v["importance"] for k, v in per.items()}, f"FW-LoRA I_m (Spearman ρ with AdaLoRA {rho:.2f})",
-                   "magma"), ({k: v["weight"] for k, v in per.items()}, "FW-LoRA penalty weight w_m", "cividis"),
-                  (rank["budget"]["fwrank_ranks"] if rank else {}, "fwrank: ranks ∝ pre-pass I_m", "viridis")]
-        for ax, (vals, title, cmap) in zip(row, panels):
-            if not vals:
-                ax.set_axis_off()
-                continue
-            grid, n = matrix_grid(vals)
-            im = ax.imshow(grid, cmap=cmap, aspect="auto")
-            ax.set_yticks(range(6), MATRICES)
-            ax.set_xticks(range(n), [str(i) for i in range(n)])
-            ax.set_xlabel("layer")
-            ax.set_title(f"{task.upper()}: {title}", fontsize=9)
-            fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    write_file(path, lambda f: fig.savefig(f, dpi=110, format="png"), "wb")
-    plt.close(fig)
-    return True
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    def rank(v):  # average ranks for ties
-        s = sorted(v)
-        return [s.index(a) + (s.count(a) - 1) / 2 for a in v]
-    rx, ry = rank(x), rank(y)
-    mx, my = statistics.mean(rx), statistics.mean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    den = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
-    return cov / den if den else float("nan")
-
-
 def main(folder: str) -> str:
+    """The report of a folder: printed, then written (table.md and the figures). A file that cannot be
+    written ends it with exit 1, after the table is printed."""
     all_runs, failed = load(folder)
     if not all_runs:
         sys.exit(f"no finished runs in {folder}" + (f" (failed: {', '.join(failed)})" if failed else ""))
-    check_pooling(all_runs)
+    check_comparable(all_runs)
     held = [r for r in all_runs if r["config"].get("heldout", 0)]
     if held and len(held) < len(all_runs):
-        sys.exit(f"error: {folder} mixes tuning runs (held-out train) with dev runs: keep them in separate folders")
+        sys.exit(f"error: {folder} mixes tuning runs (held-out train) with dev runs: keep them in "
+                 "separate folders")
     # The main table: every method at the hypothesis's λ; the other λ feed the dose-response only.
-    runs = [r for r in all_runs if r["config"]["method"] not in WEIGHTING or r["config"].get("fw_lambda", LAMBDA) == LAMBDA]
-    c, env = runs[0]["config"], runs[0]["environment"]
-    head = (f"# Results: {folder}\n\nModel `{c['model']}`, {len(all_runs)} finished runs, device "
-            f"{env.get('device', '?')} ({env.get('device_name', '?')}, {env.get('threads', '?')} threads per run), "
-            f"data: {data_source(all_runs)}.")
+    at_lambda = lambda c: c["method"] not in WEIGHTING or c.get("fw_lambda", LAMBDA) == LAMBDA
+    runs = [r for r in all_runs if at_lambda(r["config"])]
+    dose = {} if held else dose_cells(all_runs)
+    if not runs and not dose:
+        sys.exit(f"error: {folder} holds runs at one λ ≠ {LAMBDA:g} only: the main table needs runs at "
+                 f"the hypothesis's λ = {LAMBDA:g}, the dose-response two λ or more (run_all.sh dose)")
+    c, env = (runs or all_runs)[0]["config"], (runs or all_runs)[0]["environment"]
+    text = (f"# Results: {folder}\n\nModel `{c['model']}`, {len(all_runs)} finished runs, device "
+            f"{env.get('device', '?')} ({env.get('device_name', '?')}, {env.get('threads', '?')} threads "
+            f"per run), data: {data_source(all_runs)}.\n\n")
+    pngs = {}
     if held:
-        text = head + "\n\n" + tuning(held)
-        write_file(os.path.join(folder, "table.md"), lambda f: f.write(text + "\n"))
-        print(text)
-        return text
-    table, comp = tables(runs, folder)
-    text = head + f"\n\n{table}\n\n" + verdict(comp, runs, bench_ratios(folder))
-    dose = dose_cells(all_runs)
+        text += tuning(held)
+    elif runs:
+        ratios = bench_ratios(folder, runs)
+        table, comp = tables(runs, ratios)
+        text += f"{table}\n\n" + verdict(comp, runs, ratios)
+        pngs["figure.png"] = rank_figure(runs)
+    else:
+        text += f"No run at λ = {LAMBDA:g} (the hypothesis's), so no main table: the dose-response alone."
     if dose:
-        text += "\n\n" + dose_response(dose)
-        dose_figure(dose, os.path.join(folder, "dose.png"))
-        text += "\n\n![metric and ‖ΔW‖ against λ](dose.png)"
+        text += "\n\n" + dose_response(dose) + "\n\n![metric and ‖ΔW‖ against λ](dose.png)"
+        pngs["dose.png"] = dose_figure({cell_name(*k): v for k, v in dose.items()}, DOSE)
     if failed:
         text += "\n\nRuns with no finished result (see their .error.json and .log): " + ", ".join(failed)
-    if figure(runs, os.path.join(folder, "figure.png")):
+    if pngs.get("figure.png"):
         text += "\n\n![AdaLoRA ranks, FW-LoRA importance and weights, fwrank ranks](figure.png)"
-    write_file(os.path.join(folder, "table.md"), lambda f: f.write(text + "\n"))  # an earlier table survives a failure
     print(text)
+    try:  # after the print: a folder that cannot be written to still shows the table
+        for name, fig in ((n, f) for n, f in pngs.items() if f):
+            save_png(fig, os.path.join(folder, name))
+        write_file(os.path.join(folder, "table.md"), lambda f: f.write(text + "\n"))  # or the earlier one
+    except OSError as e:
+        sys.exit(f"error: {e}: the table above is not saved")
     return text
 
 
 def data_source(runs: list[dict]) -> str:
-    """The one data source of the table: the shipped GLUE copy, the hub, or a folder (mixing is refused)."""
+    """The table's one data source: the shipped GLUE copy, the hub, or a folder (mixing is refused)."""
     dirs = {r["config"].get("glue_dir", "") for r in runs}
     if len(dirs) > 1:
         sys.exit(f"error: the runs read different data sources ({', '.join(sorted(map(repr, dirs)))}): "
                  "a table comes from one source")
     d = dirs.pop()
-    return "the GLUE copy shipped in glue/" if d == "" else "GLUE from the hub (nyu-mll/glue)" if d == "hub" else d
+    hub = "GLUE from the hub (nyu-mll/glue)"
+    return "the GLUE copy shipped in glue/" if d == "" else hub if d == "hub" else d
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python report.py FOLDER   (the sweep's OUT, e.g. results/cpu)")
+    sys.stdout.reconfigure(errors="backslashreplace")  # λ, ± in an ASCII locale: escaped, no traceback
     try:
+        if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):  # the usage
+            print(__doc__)
+            sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
         main(sys.argv[1])
-    except OSError as e:
+    except BrokenPipeError:  # `| head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")

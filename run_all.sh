@@ -8,19 +8,39 @@
 #   bash run_all.sh paper --lr=3e-4  # any train.py Config field overrides the profile for the whole sweep
 #   bash run_all.sh smoke            # tiny random model, a minute: checks the plumbing (tests use it)
 #   bash run_all.sh paper --slurm    # or SLURM=1: the same runs as one SLURM job array, then a report job
+#   bash run_all.sh --help           # this, then every train.py field
 #
 # This file is the profiles, each value with its reason: edit them here. sweep.py does the rest (README, "The
 # sweep"): it checks everything before any work, resumes (a run whose finished result in OUT has exactly its
 # config is skipped), runs JOBS runs at once, times the methods side by side, and writes the report.
-# Environment: TASKS, BUDGETS, SEEDS, METHODS, LAMBDAS (the penalised methods' λ), LRS narrow or widen the
-# sweep; <TASK>_<METHOD>_ARGS give one method its own values (SST2_ADALORA_ARGS="--lr=5e-3"); OUT moves it; JOBS runs that many at once on
-# CPU (each gets its share of the cores); RUNS_PER_GPU runs that many on each GPU; TIMED lists the methods
-# timed side by side at the end (empty: none); PYTHON picks the interpreter. On SLURM, sbatch's own
-# SBATCH_PARTITION, SBATCH_ACCOUNT and SBATCH_TIMELIMIT apply to every job; SBATCH_ARGS adds options.
+#
+# Environment, each optional (the profile's value otherwise):
+#   TASKS="sst2 cola"      the tasks
+#   BUDGETS="0.1 0.5"      adapter budgets, % of the base model's parameters
+#   SEEDS="0 1 2"          seeds
+#   METHODS="lora fwlora"  methods, or all
+#   LAMBDAS="1e-3 1e-2"    the penalised methods' λ (default 1e-4, the hypothesis's)
+#   LRS="1e-3 2e-3"        learning rates: the tuning axis, with --heldout=N
+#   SST2_ADALORA_ARGS="--lr=5e-3"  <TASK>_<METHOD>_ARGS: one method's own train.py values on one task
+#   OUT=results/mine       the results folder (default results/<profile>), relative to where you are
+#   JOBS=2                 runs at once on the CPU, each with its share of the cores (default: one per core)
+#   RUNS_PER_GPU=1         runs at once on each GPU
+#   TIMED=lora,fwlora      methods timed side by side at the end, lora among them (empty: none)
+#   PYTHON=python3         the interpreter
+#   SLURM=1                as --slurm (sbatch's own SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_TIMELIMIT apply)
+#   SBATCH_ARGS="--qos=x"  more sbatch options for every job
+#   SLURM_GUARD=off        submit even when squeue cannot say whether earlier jobs still run
 # Plain bash 3.2 (macOS) is enough.
 set -u
+case "${OUT:-}" in ""|/*) ;; *) OUT="$PWD/$OUT"; export OUT ;; esac  # relative to the caller, before the cd
 cd "$(dirname "$0")" || exit 2
 PY=${PYTHON:-python}
+case "${1:-}" in -h|--help)
+  sed -n '2,/^set -u/s/^# \{0,1\}//p' "$0"  # this file's header: the profiles and the sweep's variables
+  echo; echo "train.py fields (--field=value sets one for every run of the sweep):"
+  "$PY" train.py --help | grep '^  --'
+  exit 0 ;;
+esac
 
 PROFILE=auto
 case "${1:-}" in --*|"") ;; *) PROFILE=$1; shift ;; esac

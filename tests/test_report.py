@@ -2,26 +2,41 @@
 where the difference is large and include it where there is none; degenerate runs are counted; the verdict
 and tables are written from the numbers."""
 import json
+import os
 import zlib
 
+import pytest
 import torch
 
 from record import metrics
-from report import T975, main, paired_bootstrap, t_interval
+from report import main
+from stats import T975, paired_bootstrap, t_interval
 
 N = 900  # dev examples
 
 
 def fake_run(method, seed, p_correct, labels, task="sst2", budget=0.2, one_class=False):
     g = torch.Generator().manual_seed(zlib.crc32(f"{method} {seed} {p_correct} {task}".encode()))  # not hash(): salted
-    right = torch.rand(N, generator=g) < p_correct
-    preds = torch.zeros(N, dtype=torch.long) if one_class else torch.where(right, labels, 1 - labels)
+    right = torch.rand(len(labels), generator=g) < p_correct
+    preds = torch.where(right, labels, 1 - labels)
+    if one_class:
+        preds = torch.zeros(len(labels), dtype=torch.long)
     m = metrics(preds, labels)
     metric = "accuracy" if task == "sst2" else "mcc"
-    return {"config": {"task": task, "method": method, "budget": budget, "seed": seed, "model": "minilm",
-                       "max_train": 100, "lr": 2e-3, "fw_lambda": 1e-4}, "status": "ok", "metric": metric, "final": m[metric], "best": m[metric],
+    config = {"task": task, "method": method, "budget": budget, "seed": seed, "model": "minilm",
+              "max_train": 100, "lr": 2e-3, "fw_lambda": 1e-4}
+    return {"config": config, "status": "ok", "metric": metric, "final": m[metric], "best": m[metric],
             "dev_labels": labels.tolist(), "epochs": [{"preds": preds.tolist(), **m}],
             "budget": {"adapter_pct": 0.18}, "environment": {"device": "cpu", "device_name": "x", "threads": 1}}
+
+
+def timing_file(folder, buckets: dict, labels, name="bench_runs_sst2_lora-fwlora_b0.2_s0.json",
+                **changes):
+    """A side-by-side timing file (bench.py runs) of the fake runs' configs: {method: buckets}."""
+    configs = {m: fake_run(m, 0, 0.8, labels)["config"] | changes.get(m, {}) for m in buckets}
+    runs = {m: {"buckets_ms_total": b} for m, b in buckets.items()}
+    (folder / name).write_text(json.dumps({"configs": configs, "environment": {"device": "cpu"},
+                                           "runs": runs}))
 
 
 def test_paired_intervals_separate_real_differences_from_none():
@@ -47,10 +62,8 @@ def test_report_tables_verdict_and_degenerate_runs(tmp_path):
     for r in runs:
         c = r["config"]
         (tmp_path / f"sst2_{c['method']}_b0.2_s{c['seed']}.json").write_text(json.dumps(r))
-    (tmp_path / "bench_runs_sst2_lora-fwlora_b0.2_s0.json").write_text(json.dumps(
-        {"configs": {"lora": {"task": "sst2"}}, "runs": {"lora": {"buckets_ms_total": {"step": 1000.0}},
-                                                          "fwlora": {"buckets_ms_total": {"step": 1004.0}},
-                                                          "fwrank": {"buckets_ms_total": {"step": 900.0, "prepass": 120.0}}}}))
+    timing_file(tmp_path, {"lora": {"step": 1000.0}, "fwlora": {"step": 1004.0},
+                           "fwrank": {"step": 900.0, "prepass": 120.0}}, labels)
     text = main(str(tmp_path))
     assert "| shuffled FW (control) |" in text and "**1 degenerate**" in text
     fw_vs_lora = next(l for l in text.splitlines() if l.startswith("| FW-LoRA − LoRA |"))
@@ -118,10 +131,11 @@ def test_paired_t_interval_by_hand_and_its_quantiles():
     assert (n, pos) == (5, 4) and abs(d - 0.02) < 1e-12
     half = 2.776 * 0.015811388300841896 / 5 ** 0.5
     assert abs(lo - (0.02 - half)) < 1e-9 and abs(hi - (0.02 + half)) < 1e-9
-    try:
-        from scipy.stats import t
-    except ImportError:
-        return
+
+
+def test_t_quantiles_match_scipy():
+    t = pytest.importorskip("scipy.stats").t
+    assert len(T975) == 30
     assert all(abs(q - t.ppf(0.975, df)) < 5e-4 for df, q in enumerate(T975, start=1))
 
 
@@ -161,3 +175,170 @@ def test_dose_response_and_tuning_tables(tmp_path):
         (held / f"sst2_{m}_b0.2_s0_heldout500_lr{lr:g}.json").write_text(json.dumps(r))
     text = main(str(held))
     assert "| LoRA | " in text and "| 0.002 |" in text and "| 0.005 |" in text  # the lr each method gets
+
+
+# Issue 31: results you can trust, third round.
+
+def write_runs(folder, runs):
+    for r in runs:
+        c = r["config"]
+        lam = "" if c["fw_lambda"] == 1e-4 or c["method"] == "lora" else f"_lam{c['fw_lambda']:g}"
+        name = f"{c['task']}_{c['method']}_b{c['budget']:g}_s{c['seed']}{lam}.json"
+        (folder / name).write_text(json.dumps(r))
+
+
+def two_methods(seed: int, methods=("lora", "fwlora")) -> tuple:
+    labels = torch.randint(0, 2, (N,), generator=torch.Generator().manual_seed(seed))
+    return labels, [fake_run(m, s, 0.8, labels) for m in methods for s in range(2)]
+
+
+@pytest.mark.parametrize("change, fields", [
+    (dict(model="tiny-bert"), "model 'tiny-bert' / 'minilm'"),  # FW-LoRA's file is read first
+    (dict(precision="bf16"), "precision 'bf16' / 'fp32'"),  # asked for; auto on a CPU is fp32
+    (dict(environment_precision="bf16"), "precision 'bf16' / 'fp32'"),  # recorded as it ran
+    (dict(max_eval=32), "dev set '32 examples"),  # FW-LoRA on 32 dev examples, LoRA on 900
+    (dict(max_train=512, epochs=2), "epochs 2 / None, max_train 512 / 100"),
+])
+def test_methods_compare_only_on_the_same_model_precision_and_data(tmp_path, change, fields):
+    """Bad case 2 (issue 31): LoRA on one model, precision, dev set or training size against
+    FW-LoRA on another is refused, naming the fields (it printed "+12.5", or a bootstrap of
+    [+0.0, +0.0], or ended in a RuntimeError in paired_bootstrap). The lr and a method's own knobs
+    may differ."""
+    labels, runs = two_methods(4, ("lora",))
+    for s in range(2):
+        r = fake_run("fwlora", s, 0.8, labels[:32] if "max_eval" in change else labels)
+        r["config"] |= {k: v for k, v in change.items() if k != "environment_precision"}
+        r["environment"]["precision"] = change.get("environment_precision")
+        runs.append(r)
+    write_runs(tmp_path, runs)
+    with pytest.raises(SystemExit, match="methods compare only on the same model, data") as e:
+        main(str(tmp_path))
+    assert fields in e.value.code and "\n" not in e.value.code  # one line, naming the fields
+    for s in range(2):  # its own lr and knobs: compared
+        runs[2 + s] = fake_run("fwlora", s, 0.8, labels)
+        runs[2 + s]["config"] |= {"lr": 1e-3, "fw_warmup_steps": 7}
+    write_runs(tmp_path, runs)
+    assert "| FW-LoRA − LoRA |" in main(str(tmp_path))
+
+
+def test_seeds_made_on_different_devices_are_not_pooled(tmp_path):
+    """Unclear case (issue 31): report.py pooled seeds made on a CPU and a GPU; the sweep's resume
+    refuses the same."""
+    _, runs = two_methods(5, ("lora",))
+    runs[1]["environment"]["device"] = "cuda:0"
+    write_runs(tmp_path, runs)
+    with pytest.raises(SystemExit, match=r"cannot be pooled:\n  sst2_lora_b0.2_s1 vs sst2_lora_b0.2_s0: "
+                                         r"device 'cpu' / 'cuda', precision 'fp32' / 'bf16'"):
+        main(str(tmp_path))
+
+
+def test_timing_files_that_cannot_stand_beside_the_table_are_skipped_by_name(tmp_path, capsys):
+    """Bad cases 3 and 7 (issue 31): a damaged timing file (a JSONDecodeError naming no file, in
+    every later report), one without LoRA (KeyError 'lora'), one timed at another configuration
+    than the table's runs, and one whose methods differ in more than their own knobs: each is
+    skipped with a warning that names it, and the table is written."""
+    labels, runs = two_methods(6)
+    write_runs(tmp_path, runs)
+    (tmp_path / "bench_runs_sst2_a.json").write_text('{"configs": {"lora"')
+    one, two = {"lora": {"step": 1.0}}, {"lora": {"step": 1.0}, "fwlora": {"step": 1.0}}
+    timing_file(tmp_path, {"fwlora": {"step": 1.0}}, labels, "bench_runs_sst2_b.json")
+    timing_file(tmp_path, one, labels, "bench_runs_sst2_c.json", lora={"max_train": 64})
+    timing_file(tmp_path, two, labels, "bench_runs_sst2_d.json", fwlora={"max_train": 64})
+    text = main(str(tmp_path))
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/bench_runs_sst2_a.json: unreadable (JSONDecodeError" in err
+    assert f"{tmp_path}/bench_runs_sst2_b.json: no LoRA run, which every time is a ratio to" in err
+    assert f"{tmp_path}/bench_runs_sst2_c.json: its lora run is not the table's sst2_lora_b0.2_s0: " \
+           "it differs in max_train" in err
+    assert f"{tmp_path}/bench_runs_sst2_d.json: its fwlora and lora runs differ in max_train" in err
+    assert "Training time as a ratio" not in text and (tmp_path / "table.md").exists()
+
+
+def test_a_folder_of_other_lambdas_only(tmp_path):
+    """Bad case 7 (issue 31): runs at λ ≠ 1e-4 only ended in an IndexError at runs[0]. One λ: a
+    one-line error saying what each table needs; two λ: the dose-response alone, saying why."""
+    _, runs = two_methods(7, ("fwlora",))
+    for r in runs:
+        r["config"]["fw_lambda"], r["delta_w_fro"], r["budget"]["n_matrices"] = 1e-3, {"m0": 1.0}, 36
+        r["fw"] = {"weight_min": 0.95, "weight_max": 0.99, "importance_max": 0.05}
+    write_runs(tmp_path, runs)
+    with pytest.raises(SystemExit, match="holds runs at one λ ≠ 0.0001 only: the main table needs"):
+        main(str(tmp_path))
+    for r in [json.loads(json.dumps(r)) for r in runs]:
+        r["config"]["fw_lambda"] = 1e-2
+        runs.append(r)
+    write_runs(tmp_path, runs)
+    text = main(str(tmp_path))
+    assert "No run at λ = 0.0001 (the hypothesis's), so no main table" in text
+    assert "| 0.01 |" in text
+
+
+def test_report_in_an_ascii_locale(tmp_path):
+    """Bad case 7 (issue 31): `LC_ALL=C PYTHONUTF8=0 PYTHONCOERCECLOCALE=0 python report.py OUT`
+    ended in a UnicodeEncodeError in write_file with a 0-byte temp file left: files are UTF-8
+    whatever the locale, and printing escapes what the terminal cannot show."""
+    import subprocess
+    import sys
+    write_runs(tmp_path, two_methods(8)[1])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONIO"))}
+    env |= {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    r = subprocess.run([sys.executable, "report.py", str(tmp_path)], cwd=root, capture_output=True,
+                       env=env)
+    assert r.returncode == 0, r.stderr.decode()
+    assert "mean ± std" in (tmp_path / "table.md").read_text(encoding="utf-8")
+    assert b"mean \\xb1 std" in r.stdout  # escaped on an ASCII stdout, not a traceback
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+def test_a_result_copied_under_another_name_counts_once(tmp_path, capsys):
+    """Unclear case (issue 31): a copy of a result under another name was counted twice in
+    "finished runs"."""
+    write_runs(tmp_path, two_methods(9, ("lora",))[1])
+    (tmp_path / "backup.json").write_text((tmp_path / "sst2_lora_b0.2_s0.json").read_text())
+    assert "2 finished runs" in main(str(tmp_path))
+    assert f"{tmp_path}/backup.json holds the run sst2_lora_b0.2_s0, not the one its name says" in \
+        capsys.readouterr().err
+
+
+def test_a_folder_that_cannot_be_written_still_shows_the_table(tmp_path, monkeypatch, capsys):
+    """Unclear case (issue 31): a read-only folder stopped the report before it printed the table.
+    Now the table is printed, then the one-line error, exit 1."""
+    import errno
+    write_runs(tmp_path, two_methods(10, ("lora",))[1])
+
+    def read_only(*a):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(os, "replace", read_only)
+    with pytest.raises(SystemExit) as e:
+        main(str(tmp_path))
+    assert "Read-only file system: the table above is not saved" in e.value.code
+    assert "| LoRA |" in capsys.readouterr().out and not (tmp_path / "table.md").exists()
+
+
+def test_report_help_is_the_usage(monkeypatch, capsys):
+    """Unclear case (issue 31): `python report.py --help` said "--help is not a folder"."""
+    import runpy
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for argv, code in ((["--help"], 0), ([], 2)):
+        monkeypatch.setattr("sys.argv", ["report.py", *argv])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(root, "report.py"), run_name="__main__")
+        assert e.value.code == code and "python report.py results/cpu" in capsys.readouterr().out
+
+
+def test_matrix_grid_and_spearman_by_hand():
+    """Issue 28: an unknown module name is an error (it was silently the FFN-out row); one
+    Spearman, ties given their average rank: x = [1, 2, 2, 3] ranks [0, 1.5, 1.5, 3] against
+    [0, 1, 2, 3]: cov 4.5, variances 4.5 and 5, ρ = 4.5 / √22.5."""
+    from figures import matrix_grid
+    from stats import spearman
+    grid, n = matrix_grid({"bert.encoder.layer.1.attention.self.value": 2.0,
+                           "bert.encoder.layer.0.attention.output.dense": 3.0,
+                           "bert.encoder.layer.0.output.dense": 5.0})
+    assert n == 2 and (grid[2][1], grid[3][0], grid[5][0]) == (2.0, 3.0, 5.0)
+    assert grid[4][0] != grid[4][0]  # NaN: no FFN-in value given
+    with pytest.raises(ValueError, match="pooler.dense: not an adapted matrix"):
+        matrix_grid({"bert.pooler.dense": 1.0})
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / 22.5 ** 0.5)
+    assert spearman(torch.tensor([3.0, 1.0, 2.0]), [30, 10, 20]) == pytest.approx(1.0)  # tensors too
