@@ -208,7 +208,7 @@ def test_methods_compare_only_on_the_same_model_precision_and_data(tmp_path, cha
     for s in range(2):
         r = fake_run("fwlora", s, 0.8, labels[:32] if "max_eval" in change else labels)
         r["config"] |= {k: v for k, v in change.items() if k != "environment_precision"}
-        r["environment"]["precision"] = change.get("environment_precision")
+        r["precision"] = change.get("environment_precision")  # the resolved one, as train.py records it
         runs.append(r)
     write_runs(tmp_path, runs)
     with pytest.raises(SystemExit, match="methods compare only on the same model, data") as e:

@@ -13,6 +13,7 @@ import time
 import pytest
 
 import record
+import local
 import sweep
 from record import METHODS
 
@@ -99,7 +100,7 @@ def test_sigterm_stops_parallel_runs_and_resume_finishes_without_redoing(tmp_pat
     spec = (f"--model=tiny-bert --max_train=128 --max_eval=64 {LONG} --lr=2e-3 --task=sst2 --budget=0.5 "
             f"--out_dir={tmp_path / 'serial'} --method=fwlora")
     threads = torch.get_num_threads()
-    torch.set_num_threads(sweep.slots({"JOBS": "2"}, on_gpu=False)[0].threads)  # a slot's threads
+    torch.set_num_threads(local.slots({"JOBS": "2"}, on_gpu=False)[0].threads)  # a slot's threads
     try:
         serial = train(parse_args(spec.split(), Config))
     finally:
@@ -182,17 +183,17 @@ def test_bad_sweep_input_is_refused_before_any_work(tmp_path, capsys, env, argv,
 def test_slot_counts_must_be_positive_integers(capsys, key, value):
     """Bad case 1: JOBS=0, -1, abc die with a message, not bash internals."""
     with pytest.raises(SystemExit) as e:
-        sweep.slots({key: value}, on_gpu=key == "RUNS_PER_GPU")
+        local.slots({key: value}, on_gpu=key == "RUNS_PER_GPU")
     assert e.value.code == 2 and f"{key} must be a positive whole number, got {value!r}" in capsys.readouterr().err
 
 
 def test_gpu_slots_map_through_the_inherited_device_list():
-    got = sweep.slots({"CUDA_VISIBLE_DEVICES": "2,3", "RUNS_PER_GPU": "2"}, on_gpu=True)
+    got = local.slots({"CUDA_VISIBLE_DEVICES": "2,3", "RUNS_PER_GPU": "2"}, on_gpu=True)
     assert [s.gpu for s in got] == ["2", "2", "3", "3"]  # the scheduler's GPUs, not 0 and 1
-    assert [s.gpu for s in sweep.slots({"CUDA_VISIBLE_DEVICES": "7"}, on_gpu=True)] == ["7"]
+    assert [s.gpu for s in local.slots({"CUDA_VISIBLE_DEVICES": "7"}, on_gpu=True)] == ["7"]
     with pytest.raises(SystemExit):
-        sweep.slots({"CUDA_VISIBLE_DEVICES": ""}, on_gpu=True)  # handed no GPU at all
-    cpu = sweep.slots({"JOBS": "2"}, on_gpu=False)
+        local.slots({"CUDA_VISIBLE_DEVICES": ""}, on_gpu=True)  # handed no GPU at all
+    cpu = local.slots({"JOBS": "2"}, on_gpu=False)
     assert len(cpu) == 2 and all(s.gpu is None and s.threads >= 1 for s in cpu)
 
 
@@ -449,7 +450,7 @@ def test_runs_keep_tqdm_off_multiprocessing_locks(monkeypatch):
         raise AssertionError("a multiprocessing semaphore was created")
     monkeypatch.setattr(multiprocessing.synchronize.SemLock, "__init__", no_semaphores)
     monkeypatch.delattr(tqdm.tqdm, "_lock", raising=False)
-    sweep.quiet_locks()  # as the worker does before the run
+    local.quiet_locks()  # as the worker does before the run
     with open(os.devnull, "w") as devnull:
         assert list(tqdm.tqdm(range(3), disable=False, file=devnull)) == [0, 1, 2]
     monkeypatch.delattr(tqdm.tqdm, "_lock", raising=False)  # the next user builds its own again
@@ -466,8 +467,8 @@ def test_the_time_left_weighs_runs_by_their_steps():
     assert steps(8551, max_train=0) == 2 * 268  # CoLA, full: 267.2 batches
     assert steps(67349, max_train=6000, epochs=1, heldout=1000) == 188  # held out, then capped
     assert steps(8551, max_train=0, epochs=1, heldout=1000) == 236  # 7,551 / 32
-    assert sweep.left_s([(10.0, 100)], [300, 300], [(5.0, 200)], 2) == pytest.approx(37.5)
-    assert sweep.left_s([(10.0, 100)], [], [(30.0, 200)], 1) == 0.0  # overdue: never negative
+    assert local.left_s([(10.0, 100)], [300, 300], [(5.0, 200)], 2) == pytest.approx(37.5)
+    assert local.left_s([(10.0, 100)], [], [(30.0, 200)], 1) == 0.0  # overdue: never negative
 
 
 def test_lock_and_log_paths_that_are_folders_are_refused(tmp_path, capsys):
@@ -490,9 +491,9 @@ def test_more_jobs_than_cores_are_warned_about(capsys):
     """Unclear case (issue 31): JOBS=99 on 2 cores runs (a run waiting on I/O may want it), with a
     warning."""
     ncpu = len(os.sched_getaffinity(0))
-    assert len(sweep.slots({"JOBS": str(ncpu + 1)}, on_gpu=False)) == ncpu + 1
+    assert len(local.slots({"JOBS": str(ncpu + 1)}, on_gpu=False)) == ncpu + 1
     assert f"warning: JOBS={ncpu + 1} on {ncpu} cores" in capsys.readouterr().err
-    sweep.slots({"JOBS": str(ncpu)}, on_gpu=False)
+    local.slots({"JOBS": str(ncpu)}, on_gpu=False)
     assert capsys.readouterr().err == ""
 
 
@@ -511,11 +512,11 @@ def test_a_dead_process_server_is_a_one_line_error(tmp_path, monkeypatch, capsys
 
         def Process(self, **kw):
             return Dead()
-    monkeypatch.setattr(sweep.multiprocessing, "get_context", lambda kind: Context())
-    monkeypatch.setattr(sweep.multiprocessing.forkserver, "ensure_running", lambda: None)
+    monkeypatch.setattr(local.multiprocessing, "get_context", lambda kind: Context())
+    monkeypatch.setattr(local.multiprocessing.forkserver, "ensure_running", lambda: None)
     s = settings(tmp_path)
     with pytest.raises(SystemExit) as e:
-        sweep.run_local(s, sweep.plan(s), [sweep.Slot(1)], {"sst2_lora_b0.5_s0": 8})
+        local.run_local(s.out, sweep.plan(s), [local.Slot(1)], {"sst2_lora_b0.5_s0": 8}, [])
     err = capsys.readouterr().err
     assert e.value.code == 1 and "(multiprocessing's forkserver) has gone (EOFError" in err
     assert "finished runs are kept" in err and err.count("\n") == 1
@@ -551,7 +552,7 @@ def test_a_finished_sweep_parses_redo_flags_and_starts_no_process(tmp_path, monk
     """Unclear case (issue 31): --save_adapters=1 on a finished sweep gets the explanation `=true`
     gets; a sweep with nothing to do starts no process server."""
     finished(tmp_path)
-    monkeypatch.setattr(sweep.multiprocessing.forkserver, "ensure_running", lambda: pytest.fail())
+    monkeypatch.setattr(local.multiprocessing.forkserver, "ensure_running", lambda: pytest.fail())
     code = kept_handlers(lambda: sweep.main(["--save_adapters=1"], SMOKE | {"OUT": str(tmp_path)}))
     out = capsys.readouterr().out
     assert code == 0 and "skip sst2_lora_b0.5_s0 (done); --save_adapters=1 does not redo" in out
