@@ -135,8 +135,7 @@ def bench_ratios(folder: str, runs: list[dict]) -> dict:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             problem = f"unreadable ({type(e).__name__}: {e})"
         if problem:
-            print(f"warning: {path}: {problem}; skipped (a sweep on this folder times it again)",
-                  file=sys.stderr)
+            print(f"warning: {path}: {problem}; skipped (a sweep here times it again)", file=sys.stderr)
             continue
         ms = {m.split(":")[0]: train_ms(row["buckets_ms_total"]) for m, row in b["runs"].items()}
         out[b["configs"]["lora"]["task"]] = {m: t / ms["lora"] for m, t in ms.items()}  # adalora:lr=…
@@ -257,7 +256,8 @@ def verdict(comp: dict, runs: list[dict], ratios: dict) -> str:
     lines = ["Verdict (written by report.py from the paired t-intervals above):", "",
              *(f"- {question} {answer(a, b)}" for question, a, b in QUESTIONS)]
     if ratios:
-        others = lambda t: ", ".join(f"{SHORT[m]} {v:.3f}" for m, v in t.items() if m != "lora")
+        others = lambda t: ", ".join(f"{SHORT[m]} {v:.3f}" for m, v in t.items() if m != "lora") \
+            or "LoRA alone was timed"
         lines.append("- Time, side by side (× LoRA): " + "; ".join(f"{task}: {others(t)}"
                                                                     for task, t in ratios.items()))
     caps = sorted({(r["config"]["task"], r["config"].get("max_train", 0)) for r in runs})
