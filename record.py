@@ -76,13 +76,16 @@ def method_owns(field: str) -> bool:
 
 def resolved(r: dict) -> dict:
     """A result's config with what it resolved to as it ran: the device kind, the precision
-    (precision_of), a run's dev set."""
+    (precision_of), a run's dev set and the data files it read, by digest."""
     c, env = r["config"], r.get("environment", {})
     device = str(env.get("device", c.get("device"))).split(":")[0]
     out = c | {"device": device, "precision": precision_of(r)}
     if "dev_labels" in r:
         digest = zlib.crc32(str(r["dev_labels"]).encode())
         out["dev set"] = f"{len(r['dev_labels'])} examples, labels crc32 {digest:08x}"
+    files = (r.get("data") or {}).get("sha256")
+    if files:  # the GLUE files it read (older results did not record them)
+        out["data files"] = ", ".join(f"{f} {d[:12]}" for f, d in sorted(files.items()))
     return out
 
 

@@ -52,13 +52,13 @@ def job_scripts(out: str, runs: list, timing: list) -> dict[str, str]:
         return shlex.quote(os.path.join(out, name + ".log"))
     cases = [f"  {i}) exec {py} train.py {shlex.join(a)} >>{log(n)} 2>&1 ;;\n"
              for i, (n, a) in enumerate(runs)]
-    benches = [f"{py} bench.py {shlex.join(a)} >>{log('bench_runs_' + t)} 2>&1\n" for t, a in timing]
+    benches = [f"{py} bench.py {shlex.join(a)} >>{shlex.quote(path)} 2>&1\n" for path, a in timing]
     return {"runs": head + "case $SLURM_ARRAY_TASK_ID in\n" + "".join(cases) + "esac\n",
             "end": head + "".join(benches) + f"exec {py} report.py {shlex.quote(out)}\n"}
 
 
 def submit(out: str, profile: str, runs: list, timing: list, env: dict) -> int:
-    """runs: [(name, train.py args)] still to do; timing: [(task, bench.py args)]. Submits the array,
+    """runs: [(name, train.py args)] still to do; timing: [(log path, bench.py args)]. Submits the array,
     then the end job after it; a refusal by SLURM cancels what was submitted and leaves no script
     behind (exit 1)."""
     if not runs and not timing:

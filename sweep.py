@@ -283,7 +283,8 @@ def main(argv: list[str], env: dict | None = None) -> int:
     for _, name, _ in (x for x in planned if x[0] == "done"):
         print(f"skip {name} (done)" + f"; {redo} does not redo a finished run: move its result out of OUT" * bool(redo))
     if s.slurm:
-        return slurm.submit(s.out, s.profile, [(n, a) for _, n, a in todo], timing(s), env)
+        logs = [(timing_file(s.out, task, ".log"), args) for task, args in timing(s)]
+        return slurm.submit(s.out, s.profile, [(n, a) for _, n, a in todo], logs, env)
     cfgs = {name: parse_args(a, Config) for _, name, a in todo}
     steps = {name: run_steps(c, sizes[(c.task, c.glue_dir)]) for name, c in cfgs.items()}
     jobs = slots(env, any(c.device == "cuda" for c in cfgs.values()))

@@ -198,6 +198,7 @@ def two_methods(seed: int, methods=("lora", "fwlora")) -> tuple:
     (dict(environment_precision="bf16"), "precision 'bf16' / 'fp32'"),  # recorded as it ran
     (dict(max_eval=32), "dev set '32 examples"),  # FW-LoRA on 32 dev examples, LoRA on 900
     (dict(max_train=512, epochs=2), "epochs 2 / None, max_train 512 / 100"),
+    (dict(data_files={"SST-2/dev.tsv": "0123456789ab" + "0" * 52}), "data files"),  # other GLUE files
 ])
 def test_methods_compare_only_on_the_same_model_precision_and_data(tmp_path, change, fields):
     """Bad case 2 (issue 31): LoRA on one model, precision, dev set or training size against
@@ -207,7 +208,9 @@ def test_methods_compare_only_on_the_same_model_precision_and_data(tmp_path, cha
     labels, runs = two_methods(4, ("lora",))
     for s in range(2):
         r = fake_run("fwlora", s, 0.8, labels[:32] if "max_eval" in change else labels)
-        r["config"] |= {k: v for k, v in change.items() if k != "environment_precision"}
+        r["config"] |= {k: v for k, v in change.items() if k not in ("environment_precision", "data_files")}
+        if "data_files" in change:
+            r["data"] = {"source": "shipped", "sha256": change["data_files"]}
         r["precision"] = change.get("environment_precision")  # the resolved one, as train.py records it
         runs.append(r)
     write_runs(tmp_path, runs)
