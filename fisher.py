@@ -102,8 +102,8 @@ def sq_grad_norms(X: torch.Tensor, G: torch.Tensor, z: torch.Tensor | None = Non
     G = ∂L/∂y (g × T × d_out). Exact (forms the g × d_out × d_in products the backward of W would), or with
     Rademacher probes z (d_out × k) the unbiased estimate mean_k ‖X_mᵀ G_m z_k‖²: O(T·k·(d_in + d_out))."""
     if z is None:
-        return (G.mT @ X).pow(2).sum((1, 2))
-    return (X.mT @ (G @ z)).pow(2).sum((1, 2)) / z.shape[1]
+        return (G.mT @ X).float().pow(2).sum((1, 2))
+    return (X.mT @ (G @ z)).float().pow(2).sum((1, 2)) / z.shape[1]  # squares summed in fp32 at least
 
 
 class FisherProxy:
@@ -151,13 +151,22 @@ class FisherProxy:
         step serves every matrix (its first d_out rows): each estimate stays unbiased."""
         if any(t is None for t in self.x + self.g):
             raise RuntimeError("the Fisher hooks saw no training forward and backward of every adapted layer")
+        # The probes' products run in the output gradients' dtype, as the step's own matmuls do: bf16 under
+        # autocast (fp32 accumulation; ±1 is exact in bf16). exact, the gate's reference, stays in fp32.
+        dt = self.g[0].dtype if self.estimator == "probe" else torch.float32
         z = None if self.estimator == "exact" else torch.randint(
             0, 2, (self.d_out, self.n_probes), generator=self.gen, device=self.F.device,
-            dtype=torch.float32).mul_(2).sub_(1)  # ±1
+            dtype=torch.float32).mul_(2).sub_(1).to(dt)  # ±1
+        rows = {}  # each input as T × d_in in dt, cast once: q, k and v share theirs
+
+        def as_rows(t):
+            if id(t) not in rows:
+                rows[id(t)] = t.reshape(-1, t.shape[-1]).to(dt)
+            return rows[id(t)]
         parts = []
         for idx in self.groups:  # stacks of T × d tensors: the inputs and output gradients of one shape
-            X = torch.stack([self.x[i].reshape(-1, self.x[i].shape[-1]) for i in idx]).float()
-            G = torch.stack([self.g[i].reshape(-1, self.g[i].shape[-1]) for i in idx]).float()
+            X = torch.stack([as_rows(self.x[i]) for i in idx])
+            G = torch.stack([self.g[i].reshape(-1, self.g[i].shape[-1]).to(dt) for i in idx])
             parts.append(sq_grad_norms(X, G, None if z is None else z[:G.shape[-1]]))
         self.x, self.g = [None] * len(self.layers), [None] * len(self.layers)
         return torch.cat(parts)[self.inverse]
