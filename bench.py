@@ -1,11 +1,14 @@
 """Speed, side by side: each method as a ratio to plain LoRA, in one process where the runs take turns step
 by step (machine noise hits all alike), built by train.prepare() and stepped by train.train_step().
 
-    python bench.py          # ops per step on roberta-base's structure, then per step, every VARIANT, MiniLM:
-                             # ratios, matmul rate vs peak, Fisher estimator error
+    python bench.py          # ops per step on roberta-base's structure, then per step, every VARIANT, MiniLM,
+                             # real SST-2 batches: ratios, achieved rate vs the matmul peak, Fisher estimator error
+    python bench.py --model=mpnet --precision=bf16 --budget=0.2 --variants=lora,fwlora_warmup_probe64,adalora
+        # the base model: the same, for the variants named (--steps=30 by default)
     python bench.py ops --model=random-roberta-base --device=cpu --precision=bf16 --batch_size=4  # ops alone
     python bench.py fisher --task=cola --epochs=2 --lr=1e-3 --budget=0.5 --seeds=0,1,2 --out_dir=published/fisher
-        # the Fisher estimator against exact on real warm-ups (README, Fisher estimator)
+        # the Fisher estimator against exact on real warm-ups (README, Fisher estimator); --probes=16,32,64
+        # checks several probe counts on the same warm-ups
     python bench.py gpu      # GPU acceptance (a few minutes): roberta-base's shapes, bf16, real SST-2 batches, 300
                              # steps, every method; PASS/FAIL per criterion, exit 1 on a FAIL or without CUDA
     python bench.py runs --methods=lora,fwlora,adalora --task=sst2 --max_train=8000 --epochs=1 --lr=2e-3
