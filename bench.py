@@ -13,6 +13,7 @@ by step (machine noise hits all alike), built by train.prepare() and stepped by 
                              # steps, every method; PASS/FAIL per criterion, exit 1 on a FAIL or without CUDA
     python bench.py runs --methods=lora,fwlora,adalora --task=sst2 --max_train=8000 --epochs=1 --lr=2e-3
         # whole runs; a method may carry its own fields: --methods=lora,lora:group_by_length=false
+    OMP_NUM_THREADS=1 python bench.py runs ... --clock=cpu   # on cores shared with other jobs: CPU time
 """
 import collections
 import dataclasses
@@ -42,6 +43,9 @@ VARIANTS = {  # per-step mode: name -> Config overrides
 }
 
 
+CLOCKS = {False: "wall (perf_counter; CUDA events on a GPU)", True: "process CPU time, one thread"}
+
+
 def rng_state(device, state: tuple | None = None) -> tuple:
     """The global RNG streams a run draws its dropout masks from: set to `state` if given, then returned."""
     if state:
@@ -49,11 +53,13 @@ def rng_state(device, state: tuple | None = None) -> tuple:
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def interleave(cfgs: dict, data: tuple | None = None, steps: int | None = None, warm: int = 3) -> dict:
+def interleave(cfgs: dict, data: tuple | None = None, steps: int | None = None, warm: int = 3,
+               cpu_time: bool = False) -> dict:
     """{name: Config} -> {name: train.Run}, prepared (one tokenised data set for all) and trained one step each
     in turn, for all their epochs or the first `steps`. First, off the clock, a throwaway copy of each run takes
     `warm` steps: the process's one-off set-up (CUDA context, cuBLAS handles, kernels, the allocator) is then paid
-    by no method's clock, and the timed runs are untouched (each is prepared afresh from its seed)."""
+    by no method's clock, and the timed runs are untouched (each is prepared afresh from its seed). cpu_time
+    (--clock=cpu): every run's clock counts the process's CPU time (record.Clock)."""
     runs, rng = {}, {}
     for m, cfg in cfgs.items():
         check_config(cfg)
@@ -64,6 +70,7 @@ def interleave(cfgs: dict, data: tuple | None = None, steps: int | None = None, 
     del throwaway
     for m, cfg in cfgs.items():
         runs[m] = prepare(cfg, data)
+        runs[m].clock = Clock(runs[m].device, cpu_time)
         rng[m] = rng_state(runs[m].device)  # where train() would start drawing dropout masks
     total = steps or next(iter(runs.values())).T
     streams = [itertools.chain.from_iterable(map(r.epoch, range(r.cfg.epochs))) for r in runs.values()]  # map binds
@@ -78,11 +85,11 @@ def interleave(cfgs: dict, data: tuple | None = None, steps: int | None = None, 
     return runs
 
 
-def matmul_rate(device, dtype, m: int = 2048, k: int = 2048, n: int = 2048) -> float:
+def matmul_rate(device, dtype, m: int = 2048, k: int = 2048, n: int = 2048, cpu_time: bool = False) -> float:
     """GFLOP/s of an (m × k) @ (k × n) matmul here, the median of 10 after a warm-up (2048³: the peak a
     step is compared with)."""
     a, w = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
-    clock = Clock(device)
+    clock = Clock(device, cpu_time)
     for _ in range(11):
         with clock("mm"):
             a @ w
@@ -113,7 +120,7 @@ def real_batches(cfg: Config, n_steps: int) -> tuple:
                         64, cfg.seed)
 
 
-def gemm_floor(run, batches: list, dtype) -> dict:
+def gemm_floor(run, batches: list, dtype, cpu_time: bool = False) -> dict:
     """The step's own frozen GEMMs (forward x Wᵀ and the input gradient of each adapted matrix) at their rate
     measured here, on the median padded batch: what the step would cost if it were those matmuls alone."""
     tokens = sorted(int(x["input_ids"].numel()) for x in batches)[len(batches) // 2]  # padded: all multiplied
@@ -122,7 +129,7 @@ def gemm_floor(run, batches: list, dtype) -> dict:
     rates, ms = {}, 0.0
     for (d_in, d_out), count in shapes.items():
         for k, n in ((d_in, d_out), (d_out, d_in)):  # forward, then the input gradient
-            rates[f"{tokens}x{k}x{n}"] = rate = matmul_rate(run.device, dtype, tokens, k, n)
+            rates[f"{tokens}x{k}x{n}"] = rate = matmul_rate(run.device, dtype, tokens, k, n, cpu_time)
             ms += count * 2 * tokens * k * n / rate / 1e6
     return {"tokens_padded_median": tokens, "gflop_per_s_by_shape": rates, "gemm_ms_per_step": ms}
 
@@ -137,14 +144,15 @@ def top_ops(run, batch, step: int, n: int = 8) -> dict:
 
 
 def steps(b: Config, n_steps: int = 30, skip: int = 6, data: tuple | None = None,
-          variants: tuple = tuple(VARIANTS)) -> dict:
+          variants: tuple = tuple(VARIANTS), cpu_time: bool = False) -> dict:
     """`variants` on the same batches (real ones of b.task unless `data`): ms/step, buckets, memory (GPU); the
     achieved rate on real tokens against this process's matmul peak and against the step's own GEMMs."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or "lora" not in variants:
         raise ValueError(f"--variants: {unknown or 'no lora (the baseline)'}: choose from {', '.join(VARIANTS)}")
     data = data or real_batches(b, n_steps)
-    runs = interleave({v: dataclasses.replace(b, epochs=1, **VARIANTS[v]) for v in variants}, data, n_steps)
+    runs = interleave({v: dataclasses.replace(b, epochs=1, **VARIANTS[v]) for v in variants}, data, n_steps,
+                      cpu_time=cpu_time)
     lora, table = runs["lora"], {}
     batches = list(itertools.islice(lora.train_b.epoch(b.seed * 1000, b.group_by_length), n_steps))  # all runs'
     flops = [step_flops(lora, x) for x in batches]
@@ -160,12 +168,13 @@ def steps(b: Config, n_steps: int = 30, skip: int = 6, data: tuple | None = None
             resident = torch.cuda.memory_allocated(r.device)
             train_step(r, next(r.epoch(0)), n_steps)  # in the variant's own phase (warm-up variants: still warming)
             table[v]["step_peak_mb"] = (torch.cuda.max_memory_allocated(r.device) - resident) / 2**20
-    peak = {"fp32": matmul_rate(lora.device, torch.float32), "bf16": matmul_rate(lora.device, torch.bfloat16)}
+    peak = {p: matmul_rate(lora.device, dt, cpu_time=cpu_time) for p, dt in (("fp32", torch.float32),
+                                                                               ("bf16", torch.bfloat16))}
     env = environment(lora.device)
     show(f"{b.model} ({lora.precision}), budget {b.budget}%, {env['device_name']}, median of {n_steps - skip} "
          f"steps; 2048² matmul here: {peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} bf16", table,
          ("ms_per_step_median", "ratio", "gflop_per_s", "step_peak_mb", "buckets_ms_per_step"))
-    floor = gemm_floor(lora, batches, torch.bfloat16 if lora.precision == "bf16" else torch.float32)
+    floor = gemm_floor(lora, batches, torch.bfloat16 if lora.precision == "bf16" else torch.float32, cpu_time)
     ops_ms = top_ops(lora, batches[0], n_steps)
     step_ms, rate, p = table["lora"]["ms_per_step_median"], table["lora"]["gflop_per_s"], lora.precision
     real = sum(int(x["attention_mask"].sum()) for x in batches)
@@ -176,7 +185,8 @@ def steps(b: Config, n_steps: int = 30, skip: int = 6, data: tuple | None = None
     print(f"  its frozen GEMMs alone at their own rate ({floor['tokens_padded_median']} padded tokens): "
           f"{gemm_ms:.0f} ms of its {step_ms:.0f} ({gemm_ms / step_ms:.0%})")
     print("  its largest ops (self ms in one profiled step): " + ", ".join(f"{k} {v:g}" for k, v in ops_ms.items()))
-    out = {"config": dataclasses.asdict(b), "environment": env, "precision": p, "matmul_peak_gflop_per_s": peak,
+    out = {"config": dataclasses.asdict(b), "environment": env, "precision": p, "clock": CLOCKS[cpu_time],
+           "matmul_peak_gflop_per_s": peak,
            "variants": table, "gemm_floor": floor, "lora_top_ops_ms": ops_ms, "tokens_per_step": real / n_steps}
     if "fwlora_warmup_exact" in runs:
         # Warm-up steps are plain LoRA steps (the probes have their own RNG): every warm-up variant saw the same
@@ -280,10 +290,10 @@ def fisher_gate(cfg: Config, seeds: list[int], probes: list[int] | None = None) 
     return table
 
 
-def runs(cfgs: dict, data: tuple | None = None) -> dict:
+def runs(cfgs: dict, data: tuple | None = None, cpu_time: bool = False) -> dict:
     """Whole runs of {name: Config}, side by side; total time ratios to the first. Each run keeps its own RNG
     stream, so each ends with the standalone train.py run's loss and metric, bit for bit."""
-    prepared = interleave(cfgs, data)
+    prepared = interleave(cfgs, data, cpu_time=cpu_time)
     lora = prepared["lora"].clock if "lora" in prepared else next(iter(prepared.values())).clock  # the baseline
     base, table = lora.ms["step"], {}
     for m, r in prepared.items():
@@ -299,6 +309,7 @@ def runs(cfgs: dict, data: tuple | None = None) -> dict:
     show(f"{cfg.task}, budget {cfg.budget}%, {len(base)} steps each, side by side", table, ("train_loss", "accuracy",
          "mcc", "train_s", "total_ratio", "warmup_step_ratio", "penalised_step_ratio"))
     out = {"configs": {m: dataclasses.asdict(c) for m, c in cfgs.items()}, "steps": len(base), "runs": table,
+           "clock": CLOCKS[cpu_time],
            "environment": environment(next(iter(prepared.values())).device)}
     name = run_name(dataclasses.replace(cfg, method="-".join(cfgs))).replace(":", "+").replace("=", "-")
     write_json(os.path.join(cfg.out_dir, f"bench_runs_{name}.json"), out)
@@ -355,12 +366,16 @@ def main(argv: list[str]) -> int:
                         "--precision=bf16"]
             given = {a.split("=")[0] for a in args}
             args = [a for a in defaults if a.split("=")[0] not in given] + args
-        own = ("--methods=", "--tiny=", "--seeds=", "--probes=", "--variants=", "--steps=")  # bench.py's own
+        own = ("--methods=", "--tiny=", "--seeds=", "--probes=", "--variants=", "--steps=", "--clock=")  # bench's
         cfg = parse_args([a for a in args if not a.startswith(own)], Config, __doc__)
+        cpu_time = "--clock=cpu" in args
+        if cpu_time and (cfg.device == "cuda" or torch.get_num_threads() > 1):
+            raise ValueError("--clock=cpu times a CPU run by its CPU time, on one thread: run it on the CPU with "
+                             "OMP_NUM_THREADS=1")
         if mode == "runs":  # "lora:group_by_length=false": a method, then fields of its own over the shared ones
             runs({m: dataclasses.replace(cfg, method=m.split(":")[0], **{k: getattr(parse_args(
                   [f"--{f}" for f in m.split(":")[1:]], Config), k) for k in (f.split("=")[0] for f in m.split(":")[1:])})
-                  for m in methods.split(",")})
+                  for m in methods.split(",")}, cpu_time=cpu_time)
         elif mode == "gpu":
             return 0 if gpu(cfg, tiny="--tiny=true" in args) else 1
         elif mode == "fisher":
@@ -374,7 +389,7 @@ def main(argv: list[str]) -> int:
                            Config))
             variants = next((a.split("=", 1)[1] for a in args if a.startswith("--variants=")), ",".join(VARIANTS))
             n_steps = int(next((a.split("=", 1)[1] for a in args if a.startswith("--steps=")), "30"))
-            steps(cfg, n_steps, variants=variants.split(","))
+            steps(cfg, n_steps, variants=variants.split(","), cpu_time=cpu_time)
     except (ValueError, RuntimeError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

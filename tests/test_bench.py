@@ -70,3 +70,12 @@ def test_fisher_gate_reads_the_exact_runs_gradients_with_every_probe_count(tmp_p
     assert table["cola seed 0 k=4096"]["spearman_I"] > 0.99 and table["cola seed 0 k=4096"]["gate"] == "pass"
     assert table["cola seed 0 k=4096"]["median_rel_err_F"] < table["cola seed 0 k=1"]["median_rel_err_F"]
     assert (tmp_path / "bench_fisher_cola_tiny-bert_probe1-4096_fp32.json").exists()
+
+
+def test_cpu_clock_needs_one_thread_and_is_recorded(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert bench.main(["runs", "--clock=cpu", "--model=tiny-bert", f"--out_dir={tmp_path}"]) == 1
+    assert "OMP_NUM_THREADS=1" in capsys.readouterr().err
+    cfg = tiny(tmp_path)
+    out = bench.runs({"lora": cfg}, toy_data(), cpu_time=True)
+    assert out["clock"] == "process CPU time, one thread" and out["runs"]["lora"]["train_s"] > 0
