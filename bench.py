@@ -221,13 +221,15 @@ class OpCounter(TorchDispatchMode):
 
 def ops(b: Config, variants: dict = VARIANTS, warm: int = 3) -> dict:
     """Ops per training step of every variant on `b`'s model (roberta-base's structure by default: 72 adapters),
-    counted on the CPU under bf16 autocast and with the fused AdamW, as a CUDA run steps. Counts do not depend on
-    sizes, so the batches are tiny. The step counted is the `warm`-th: AdaLoRA's variant between masks masks on
-    steps 0, 10, ...; its masking variant on every step."""
+    counted on the CPU under bf16 autocast, with the fused AdamW and the Fisher statistic's CUDA layout, as a CUDA
+    run steps. Counts do not depend on sizes, so the batches are tiny. The step counted is the `warm`-th:
+    AdaLoRA's variant between masks masks on steps 0, 10, ...; its masking variant on every step."""
     data, table = synthetic(8 * b.batch_size, b.batch_size, b.batch_size, seq_len=16, vocab=20000), {}
     for v, over in variants.items():
         run = prepare(dataclasses.replace(b, epochs=1, **over), data)
         run.opt = torch.optim.AdamW(run.opt.param_groups[0]["params"], lr=b.lr, fused=True)  # as on CUDA
+        if run.method.fw:  # the Fisher statistic's CUDA layout (per shape group), not the CPU's (per input)
+            run.method.fw.fisher.batched = True
         batches = run.epoch(0)
         for step in range(warm):
             train_step(run, next(batches), step)
