@@ -277,7 +277,8 @@ def run_local(s: Sweep, todo: list, jobs: list[Slot]) -> list[str]:
     .error.json (SIGTERM), and the sweep exits 130."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["train", "bench", "transformers.models.bert.modeling_bert",
-                                "transformers.models.roberta.modeling_roberta"])
+                                "transformers.models.roberta.modeling_roberta",
+                                "transformers.models.mpnet.modeling_mpnet"])
     free, running, failed, took, t_start, k = list(jobs), {}, [], [], time.time(), 0
 
     def start(entry, args, name, slot, k):
