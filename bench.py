@@ -1,15 +1,19 @@
 """Speed, side by side: each method as a ratio to plain LoRA, in one process where the runs take turns step
 by step (machine noise hits all alike), built by train.prepare() and stepped by train.train_step().
 
-    python bench.py          # ops per step on roberta-base's structure, then per step, every VARIANT, MiniLM:
-                             # ratios, matmul rate vs peak, Fisher estimator error
+    python bench.py          # ops per step on roberta-base's structure, then per step, every VARIANT, MiniLM,
+                             # real SST-2 batches: ratios, achieved rate vs the matmul peak, Fisher estimator error
+    python bench.py --model=mpnet --precision=bf16 --budget=0.2 --variants=lora,fwlora_warmup_probe64,adalora
+        # the base model: the same, for the variants named (--steps=30 by default)
     python bench.py ops --model=random-roberta-base --device=cpu --precision=bf16 --batch_size=4  # ops alone
     python bench.py fisher --task=cola --epochs=2 --lr=1e-3 --budget=0.5 --seeds=0,1,2 --out_dir=published/fisher
-        # the Fisher estimator against exact on real warm-ups (README, Fisher estimator)
+        # the Fisher estimator against exact on real warm-ups (README, Fisher estimator); --probes=16,32,64
+        # checks several probe counts on the same warm-ups
     python bench.py gpu      # GPU acceptance (a few minutes): roberta-base's shapes, bf16, real SST-2 batches, 300
                              # steps, every method; PASS/FAIL per criterion, exit 1 on a FAIL or without CUDA
     python bench.py runs --methods=lora,fwlora,adalora --task=sst2 --max_train=8000 --epochs=1 --lr=2e-3
         # whole runs; a method may carry its own fields: --methods=lora,lora:group_by_length=false
+    OMP_NUM_THREADS=1 python bench.py runs ... --clock=cpu   # on cores shared with other jobs: CPU time
 """
 import collections
 import dataclasses
@@ -42,6 +46,9 @@ VARIANTS = {  # per-step mode: name -> Config overrides
 }
 
 
+CLOCKS = {False: "wall (perf_counter; CUDA events on a GPU)", True: "process CPU time, one thread"}
+
+
 def rng_state(device, state: tuple | None = None) -> tuple:
     """The global RNG streams a run draws its dropout masks from: set to `state` if given, then returned."""
     if state:
@@ -49,11 +56,13 @@ def rng_state(device, state: tuple | None = None) -> tuple:
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def interleave(cfgs: dict, data: tuple | None = None, steps: int | None = None, warm: int = 3) -> dict:
+def interleave(cfgs: dict, data: tuple | None = None, steps: int | None = None, warm: int = 3,
+               cpu_time: bool = False) -> dict:
     """{name: Config} -> {name: train.Run}, prepared (one tokenised data set for all) and trained one step each
     in turn, for all their epochs or the first `steps`. First, off the clock, a throwaway copy of each run takes
     `warm` steps: the process's one-off set-up (CUDA context, cuBLAS handles, kernels, the allocator) is then paid
-    by no method's clock, and the timed runs are untouched (each is prepared afresh from its seed)."""
+    by no method's clock, and the timed runs are untouched (each is prepared afresh from its seed). cpu_time
+    (--clock=cpu): every run's clock counts the process's CPU time (record.Clock)."""
     runs, rng = {}, {}
     for m, cfg in cfgs.items():
         check_config(cfg)
@@ -64,6 +73,7 @@ def interleave(cfgs: dict, data: tuple | None = None, steps: int | None = None, 
     del throwaway
     for m, cfg in cfgs.items():
         runs[m] = prepare(cfg, data)
+        runs[m].clock = Clock(runs[m].device, cpu_time)
         rng[m] = rng_state(runs[m].device)  # where train() would start drawing dropout masks
     total = steps or next(iter(runs.values())).T
     streams = [itertools.chain.from_iterable(map(r.epoch, range(r.cfg.epochs))) for r in runs.values()]  # map binds
@@ -78,14 +88,16 @@ def interleave(cfgs: dict, data: tuple | None = None, steps: int | None = None, 
     return runs
 
 
-def matmul_peak(device, dtype, n: int = 2048) -> float:
-    """GFLOP/s of an n × n matmul here, the median of 10 after a warm-up: the limit a step is compared with."""
-    a, clock = torch.randn(n, n, device=device, dtype=dtype), Clock(device)
+def matmul_rate(device, dtype, m: int = 2048, k: int = 2048, n: int = 2048, cpu_time: bool = False) -> float:
+    """GFLOP/s of an (m × k) @ (k × n) matmul here, the median of 10 after a warm-up (2048³: the peak a
+    step is compared with)."""
+    a, w = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    clock = Clock(device, cpu_time)
     for _ in range(11):
         with clock("mm"):
-            a @ a
+            a @ w
     clock.collect()
-    return 2 * n ** 3 / sorted(clock.ms["mm"][1:])[5] / 1e6
+    return 2 * m * k * n / sorted(clock.ms["mm"][1:])[5] / 1e6
 
 
 def show(title: str, table: dict, cols: tuple) -> None:
@@ -103,12 +115,49 @@ def step_flops(run, batch) -> float:
     return float(per_token * n.sum() + 12 * c.num_hidden_layers * c.hidden_size * n.pow(2).sum())
 
 
-def steps(b: Config, n_steps: int = 30, skip: int = 6, data: tuple | None = None) -> dict:
-    """Every VARIANT on the same batches (synthetic unless `data`): ms/step, buckets, matmul rate, memory (GPU)."""
-    data = data or synthetic(n_steps * b.batch_size, b.batch_size, b.batch_size, seq_len=64, vocab=20000)
-    runs = interleave({v: dataclasses.replace(b, epochs=1, **over) for v, over in VARIANTS.items()}, data, n_steps)
+def real_batches(cfg: Config, n_steps: int) -> tuple:
+    """(train, dev) Batches of real sentences of cfg.task (the shipped GLUE copy): n_steps training batches."""
+    from data import load_model, make_batches
+    tokenizer = load_model(cfg.model)[1]
+    return make_batches(cfg.task, cfg.glue_dir, tokenizer, cfg.max_length, cfg.batch_size, n_steps * cfg.batch_size,
+                        64, cfg.seed)
+
+
+def gemm_floor(run, batches: list, dtype, cpu_time: bool = False) -> dict:
+    """The step's own frozen GEMMs (forward x Wᵀ and the input gradient of each adapted matrix) at their rate
+    measured here, on the median padded batch: what the step would cost if it were those matmuls alone."""
+    tokens = sorted(int(x["input_ids"].numel()) for x in batches)[len(batches) // 2]  # padded: all multiplied
+    layers = run.method.layers.values()
+    shapes = collections.Counter((l.base.in_features, l.base.out_features) for l in layers)
+    rates, ms = {}, 0.0
+    for (d_in, d_out), count in shapes.items():
+        for k, n in ((d_in, d_out), (d_out, d_in)):  # forward, then the input gradient
+            rates[f"{tokens}x{k}x{n}"] = rate = matmul_rate(run.device, dtype, tokens, k, n, cpu_time)
+            ms += count * 2 * tokens * k * n / rate / 1e6
+    return {"tokens_padded_median": tokens, "gflop_per_s_by_shape": rates, "gemm_ms_per_step": ms}
+
+
+def top_ops(run, batch, step: int, n: int = 8) -> dict:
+    """{op: ms of its own (self) time on the host} in one profiled training step: where a CPU step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_step(run, batch, step)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:n]
+    return {e.key: round(e.self_cpu_time_total / 1e3, 2) for e in rows}
+
+
+def steps(b: Config, n_steps: int = 30, skip: int = 6, data: tuple | None = None,
+          variants: tuple = tuple(VARIANTS), cpu_time: bool = False) -> dict:
+    """`variants` on the same batches (real ones of b.task unless `data`): ms/step, buckets, memory (GPU); the
+    achieved rate on real tokens against this process's matmul peak and against the step's own GEMMs."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or "lora" not in variants:
+        raise ValueError(f"--variants: {unknown or 'no lora (the baseline)'}: choose from {', '.join(VARIANTS)}")
+    data = data or real_batches(b, n_steps)
+    runs = interleave({v: dataclasses.replace(b, epochs=1, **VARIANTS[v]) for v in variants}, data, n_steps,
+                      cpu_time=cpu_time)
     lora, table = runs["lora"], {}
-    batches = itertools.islice(lora.train_b.epoch(b.seed * 1000, b.group_by_length), n_steps)  # every run's
+    batches = list(itertools.islice(lora.train_b.epoch(b.seed * 1000, b.group_by_length), n_steps))  # all runs'
     flops = [step_flops(lora, x) for x in batches]
     for v, r in runs.items():
         ms = r.clock.ms["step"]
@@ -122,21 +171,37 @@ def steps(b: Config, n_steps: int = 30, skip: int = 6, data: tuple | None = None
             resident = torch.cuda.memory_allocated(r.device)
             train_step(r, next(r.epoch(0)), n_steps)  # in the variant's own phase (warm-up variants: still warming)
             table[v]["step_peak_mb"] = (torch.cuda.max_memory_allocated(r.device) - resident) / 2**20
-    peak = {p: matmul_peak(lora.device, dt) for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    peak = {p: matmul_rate(lora.device, dt, cpu_time=cpu_time) for p, dt in (("fp32", torch.float32),
+                                                                               ("bf16", torch.bfloat16))}
     env = environment(lora.device)
-    show(f"{b.model} ({b.precision}), budget {b.budget}%, {env['device_name']}, median of {n_steps - skip} steps;"
-         f" matmul peak here: {peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} bf16", table,
+    show(f"{b.model} ({lora.precision}), budget {b.budget}%, {env['device_name']}, median of {n_steps - skip} "
+         f"steps; 2048² matmul here: {peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} bf16", table,
          ("ms_per_step_median", "ratio", "gflop_per_s", "step_peak_mb", "buckets_ms_per_step"))
-    # Warm-up steps are plain LoRA steps (the probes have their own RNG): every warm-up variant saw the same
-    # gradients, so each estimator's importance I_m can be checked against the exact one's, matrix by matrix.
-    I = {u: r.method.fw.fisher.F / r.method.fw.fisher.F.sum() for u, r in runs.items() if u.startswith("fwlora_w")}
-    fisher = {u: {"I_rel_err_median": e.median().item(), "I_rel_err_max": e.max().item()} for u, e in
-              ((u, (i - I["fwlora_warmup_exact"]).abs() / I["fwlora_warmup_exact"]) for u, i in I.items())}
-    show(f"I_m's relative error vs the exact estimator ({n_steps} steps)", fisher, tuple(fisher["fwlora_warmup_exact"]))
-    out = {"config": dataclasses.asdict(b), "environment": env, "matmul_peak_gflop_per_s": peak, "variants": table,
-           "fisher_estimator": fisher, "tokens_per_step": sum(int(x["attention_mask"].sum()) for x in
-                                                            itertools.islice(lora.train_b.epoch(0), n_steps)) / n_steps}
-    write_json(os.path.join(b.out_dir, f"bench_steps_{b.model}_{b.precision}_{lora.device.type}.json"), out)
+    floor = gemm_floor(lora, batches, torch.bfloat16 if lora.precision == "bf16" else torch.float32, cpu_time)
+    ops_ms = top_ops(lora, batches[0], n_steps)
+    step_ms, rate, p = table["lora"]["ms_per_step_median"], table["lora"]["gflop_per_s"], lora.precision
+    real = sum(int(x["attention_mask"].sum()) for x in batches)
+    padding = sum(x["input_ids"].numel() for x in batches) / real
+    gemm_ms = floor["gemm_ms_per_step"]
+    print(f"\nLoRA: {rate:.0f} GFLOP/s on real tokens, {rate / peak[p]:.0%} of the 2048² {p} peak; "
+          f"padded tokens {padding:.2f}x the real ones")
+    print(f"  its frozen GEMMs alone at their own rate ({floor['tokens_padded_median']} padded tokens): "
+          f"{gemm_ms:.0f} ms of its {step_ms:.0f} ({gemm_ms / step_ms:.0%})")
+    print("  its largest ops (self ms in one profiled step): " + ", ".join(f"{k} {v:g}" for k, v in ops_ms.items()))
+    out = {"config": dataclasses.asdict(b), "environment": env, "precision": p, "clock": CLOCKS[cpu_time],
+           "matmul_peak_gflop_per_s": peak,
+           "variants": table, "gemm_floor": floor, "lora_top_ops_ms": ops_ms, "tokens_per_step": real / n_steps}
+    if "fwlora_warmup_exact" in runs:
+        # Warm-up steps are plain LoRA steps (the probes have their own RNG): every warm-up variant saw the same
+        # gradients, so each estimator's importance I_m can be checked against the exact one's, matrix by matrix.
+        F = {u: r.method.fw.fisher.F for u, r in runs.items() if u.startswith("fwlora_warmup")}
+        I = {u: f / f.sum() for u, f in F.items()}
+        err = {u: (i - I["fwlora_warmup_exact"]).abs() / I["fwlora_warmup_exact"] for u, i in I.items()}
+        fisher = {u: {"I_rel_err_median": e.median().item(), "I_rel_err_max": e.max().item()} for u, e in err.items()}
+        show(f"I_m's relative error vs the exact estimator ({n_steps} steps)", fisher,
+             tuple(fisher["fwlora_warmup_exact"]))
+        out["fisher_estimator"] = fisher
+    write_json(os.path.join(b.out_dir, f"bench_steps_{b.model}_{p}_{lora.device.type}.json"), out)
     return out
 
 
@@ -159,13 +224,15 @@ class OpCounter(TorchDispatchMode):
 
 def ops(b: Config, variants: dict = VARIANTS, warm: int = 3) -> dict:
     """Ops per training step of every variant on `b`'s model (roberta-base's structure by default: 72 adapters),
-    counted on the CPU under bf16 autocast and with the fused AdamW, as a CUDA run steps. Counts do not depend on
-    sizes, so the batches are tiny. The step counted is the `warm`-th: AdaLoRA's variant between masks masks on
-    steps 0, 10, ...; its masking variant on every step."""
+    counted on the CPU under bf16 autocast, with the fused AdamW and the Fisher statistic's CUDA layout, as a CUDA
+    run steps. Counts do not depend on sizes, so the batches are tiny. The step counted is the `warm`-th:
+    AdaLoRA's variant between masks masks on steps 0, 10, ...; its masking variant on every step."""
     data, table = synthetic(8 * b.batch_size, b.batch_size, b.batch_size, seq_len=16, vocab=20000), {}
     for v, over in variants.items():
         run = prepare(dataclasses.replace(b, epochs=1, **over), data)
         run.opt = torch.optim.AdamW(run.opt.param_groups[0]["params"], lr=b.lr, fused=True)  # as on CUDA
+        if run.method.fw:  # the Fisher statistic's CUDA layout (per shape group), not the CPU's (per input)
+            run.method.fw.fisher.batched = True
         batches = run.epoch(0)
         for step in range(warm):
             train_step(run, next(batches), step)
@@ -179,45 +246,53 @@ def ops(b: Config, variants: dict = VARIANTS, warm: int = 3) -> dict:
     return table
 
 
-def fisher_gate(cfg: Config, seeds: list[int]) -> dict:
+def fisher_gate(cfg: Config, seeds: list[int], probes: list[int] | None = None) -> dict:
     """The Fisher estimator against `exact` on real warm-ups: per seed, one FW-LoRA run (exact statistic) trains
-    its K warm-up steps while a probe proxy with the run's settings reads the same X and G (the same gradients).
-    Reports the Spearman correlation of I_m, the largest |w_m - w_m(exact)| (w = 1 - I: the penalty weights) and
-    the median relative error of F_m. The gate for a default estimator: Spearman >= 0.95, max |Δw| <= 0.02."""
+    its K warm-up steps while a probe proxy per probe count (cfg.fw_probes unless `probes`) reads the same X and G
+    (the same gradients, the same bf16 activations under --precision=bf16). Reports the Spearman correlation of
+    I_m, the largest |w_m - w_m(exact)| (w = 1 - I: the penalty weights) and the median relative error of F_m.
+    The gate for a default estimator: Spearman >= 0.95, max |Δw| <= 0.02."""
     from fisher import FisherProxy
-    table = {}
+    table, probes = {}, probes or [cfg.fw_probes]
     for seed in seeds:
         c = dataclasses.replace(cfg, method="fwlora", fw_estimator="exact", seed=seed)
         check_config(c)
         run = prepare(c)
         fw = run.method.fw
-        probe = FisherProxy(fw.layers, decay=c.fw_alpha, n_probes=c.fw_probes, seed=seed)
-        probe.start()
+        proxies = {k: FisherProxy(fw.layers, decay=c.fw_alpha, n_probes=k, seed=seed) for k in probes}
+        for proxy in proxies.values():
+            proxy.start()
         exact_update = fw.fisher.update
-        fw.fisher.update = lambda: (exact_update(), probe.update())  # the same backward feeds both
+
+        def update_all():  # the same backward feeds them all
+            exact_update()
+            for proxy in proxies.values():
+                proxy.update()
+        fw.fisher.update = update_all
         batches = itertools.chain.from_iterable(map(run.epoch, range(c.epochs)))
         for step, batch in zip(range(fw.warmup_steps), tqdm(batches, total=fw.warmup_steps, disable=None)):
             train_step(run, batch, step)
-        probe.stop()
-        F_e, F_p = fw.fisher.F, probe.F
-        I_e, I_p = F_e / F_e.sum(), F_p / F_p.sum()
-        table[f"{c.task} seed {seed}"] = {"K": fw.warmup_steps, "M": len(F_e), "spearman_I": spearman(I_p, I_e),
-                                          "max_abs_dw": float((I_p - I_e).abs().max()),
-                                          "median_rel_err_F": float(((F_p - F_e).abs() / F_e).median()),
-                                          "max_I": float(I_e.max())}
-        table[f"{c.task} seed {seed}"]["gate"] = "pass" if table[f"{c.task} seed {seed}"]["spearman_I"] >= 0.95 and \
-            table[f"{c.task} seed {seed}"]["max_abs_dw"] <= 0.02 else "FAIL"
-    show(f"{cfg.fw_estimator} estimator ({cfg.fw_probes} probes) against exact, {cfg.model}, real warm-ups", table,
-         ("K", "M", "spearman_I", "max_abs_dw", "median_rel_err_F", "max_I", "gate"))
-    write_json(os.path.join(cfg.out_dir, f"bench_fisher_{cfg.task}_{cfg.model}_{cfg.fw_estimator}{cfg.fw_probes}.json"),
-               {"config": dataclasses.asdict(cfg), "seeds": seeds, "rows": table, "environment": environment(run.device)})
+        for k, proxy in proxies.items():
+            proxy.stop()
+            F_e, F_p = fw.fisher.F, proxy.F
+            I_e, I_p = F_e / F_e.sum(), F_p / F_p.sum()
+            row = {"K": fw.warmup_steps, "M": len(F_e), "probes": k, "spearman_I": spearman(I_p, I_e),
+                   "max_abs_dw": float((I_p - I_e).abs().max()),
+                   "median_rel_err_F": float(((F_p - F_e).abs() / F_e).median()), "max_I": float(I_e.max())}
+            row["gate"] = "pass" if row["spearman_I"] >= 0.95 and row["max_abs_dw"] <= 0.02 else "FAIL"
+            table[f"{c.task} seed {seed}" + (f" k={k}" if len(probes) > 1 else "")] = row
+    show(f"probe estimator ({', '.join(map(str, probes))} probes, {run.precision}) against exact, {cfg.model}, "
+         "real warm-ups", table, ("K", "M", "probes", "spearman_I", "max_abs_dw", "median_rel_err_F", "max_I", "gate"))
+    name = f"bench_fisher_{cfg.task}_{cfg.model}_{cfg.fw_estimator}{'-'.join(map(str, probes))}_{run.precision}"
+    write_json(os.path.join(cfg.out_dir, f"{name}.json"), {"config": dataclasses.asdict(cfg), "seeds": seeds,
+                                                           "rows": table, "environment": environment(run.device)})
     return table
 
 
-def runs(cfgs: dict, data: tuple | None = None) -> dict:
+def runs(cfgs: dict, data: tuple | None = None, cpu_time: bool = False) -> dict:
     """Whole runs of {name: Config}, side by side; total time ratios to the first. Each run keeps its own RNG
     stream, so each ends with the standalone train.py run's loss and metric, bit for bit."""
-    prepared = interleave(cfgs, data)
+    prepared = interleave(cfgs, data, cpu_time=cpu_time)
     lora = prepared["lora"].clock if "lora" in prepared else next(iter(prepared.values())).clock  # the baseline
     base, table = lora.ms["step"], {}
     for m, r in prepared.items():
@@ -233,6 +308,7 @@ def runs(cfgs: dict, data: tuple | None = None) -> dict:
     show(f"{cfg.task}, budget {cfg.budget}%, {len(base)} steps each, side by side", table, ("train_loss", "accuracy",
          "mcc", "train_s", "total_ratio", "warmup_step_ratio", "penalised_step_ratio"))
     out = {"configs": {m: dataclasses.asdict(c) for m, c in cfgs.items()}, "steps": len(base), "runs": table,
+           "clock": CLOCKS[cpu_time],
            "environment": environment(next(iter(prepared.values())).device)}
     name = run_name(dataclasses.replace(cfg, method="-".join(cfgs))).replace(":", "+").replace("=", "-")
     write_json(timing_file(cfg.out_dir, name), out)
@@ -246,12 +322,10 @@ def gpu(cfg: Config, tiny: bool = False, n_steps: int = 300) -> bool:
     """The GPU acceptance check: every criterion printed PASS or FAIL; True when all pass. steps() on roberta-base
     (offline: its shapes, random-roberta-base) under bf16, on batches of real SST-2 sentences (the shipped copy,
     the model's tokenizer), then every method for a few steps. tiny: tiny-bert on the CPU, 8 steps (the tests)."""
-    from data import load_model, make_batches
     if tiny:
         cfg, n_steps = dataclasses.replace(cfg, model="tiny-bert", device="cpu"), 8
     check_config(cfg)
-    data = make_batches("sst2", cfg.glue_dir, load_model(cfg.model)[1], cfg.max_length, cfg.batch_size,
-                        n_steps * cfg.batch_size, 64, cfg.seed)
+    data = real_batches(dataclasses.replace(cfg, task="sst2"), n_steps)
     cuda = cfg.device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -281,7 +355,8 @@ def gpu(cfg: Config, tiny: bool = False, n_steps: int = 300) -> bool:
     return all(ok is not False for ok in verdicts.values())
 
 
-OWN_FLAGS = {"--methods=": "runs", "--seeds=": "fisher", "--tiny=": "gpu"}  # each mode's own flag
+OWN_FLAGS = {"--methods=": "runs", "--seeds=": "fisher", "--probes=": "fisher", "--tiny=": "gpu",
+             "--variants=": "steps", "--steps=": "steps"}  # each mode's own flags
 
 
 def own_flag_problem(mode: str, args: list[str], methods: str, seeds: str) -> str | None:
@@ -317,16 +392,22 @@ def main(argv: list[str]) -> int:
                         "--precision=bf16"]
             given = {a.split("=")[0] for a in args}
             args = [a for a in defaults if a.split("=")[0] not in given] + args
-        cfg = parse_args([a for a in args if not a.startswith(("--methods=", "--tiny=", "--seeds="))], Config, __doc__)
+        own = ("--methods=", "--tiny=", "--seeds=", "--probes=", "--variants=", "--steps=", "--clock=")  # bench's
+        cfg = parse_args([a for a in args if not a.startswith(own)], Config, __doc__)
+        cpu_time = "--clock=cpu" in args
+        if cpu_time and (cfg.device == "cuda" or torch.get_num_threads() > 1):
+            raise ValueError("--clock=cpu times a CPU run by its CPU time, on one thread: run it on the CPU with "
+                             "OMP_NUM_THREADS=1")
         if mode == "runs":  # "lora:group_by_length=false": a method, then fields of its own over the shared ones
             runs({m: dataclasses.replace(cfg, method=m.split(":")[0], **{k: getattr(parse_args(
                   [f"--{f}" for f in m.split(":")[1:]], Config), k) for k in (f.split("=")[0] for f in m.split(":")[1:])})
-                  for m in methods.split(",")})
+                  for m in methods.split(",")}, cpu_time=cpu_time)
         elif mode == "gpu":
             return 0 if gpu(cfg, tiny="--tiny=true" in args) else 1
         elif mode == "fisher":
-            failed = [k for k, row in fisher_gate(cfg, [int(x) for x in seeds.split(",")]).items()
-                      if row["gate"] != "pass"]
+            probes = next((a.split("=", 1)[1] for a in args if a.startswith("--probes=")), str(cfg.fw_probes))
+            gate = fisher_gate(cfg, [int(x) for x in seeds.split(",")], [int(k) for k in probes.split(",")])
+            failed = [k for k, row in gate.items() if row["gate"] != "pass"]
             if failed:
                 print(f"the gate fails on {', '.join(failed)}", file=sys.stderr)
                 return 1
@@ -335,7 +416,9 @@ def main(argv: list[str]) -> int:
         else:
             ops(parse_args(["--model=random-roberta-base", "--device=cpu", "--precision=bf16", "--batch_size=4"],
                            Config))
-            steps(cfg)
+            variants = next((a.split("=", 1)[1] for a in args if a.startswith("--variants=")), ",".join(VARIANTS))
+            n_steps = int(next((a.split("=", 1)[1] for a in args if a.startswith("--steps=")), "30"))
+            steps(cfg, n_steps, variants=variants.split(","), cpu_time=cpu_time)
     except (ValueError, RuntimeError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -112,23 +112,26 @@ def sq_grad_norms(X: torch.Tensor, G: torch.Tensor, z: torch.Tensor | None = Non
     G = ∂L/∂y (g × T × d_out). Exact (forms the g × d_out × d_in products the backward of W would), or with
     Rademacher probes z (d_out × k) the unbiased estimate mean_k ‖X_mᵀ G_m z_k‖²: O(T·k·(d_in + d_out))."""
     if z is None:
-        return (G.mT @ X).pow(2).sum((1, 2))
-    return (X.mT @ (G @ z)).pow(2).sum((1, 2)) / z.shape[1]
+        return (G.mT @ X).float().pow(2).sum((1, 2))
+    return (X.mT @ (G @ z)).float().pow(2).sum((1, 2)) / z.shape[1]  # squares summed in fp32 at least
 
 
 class FisherProxy:
     """EMA of ‖∇_{W_m} L‖_F² for every adapted (frozen) weight. Hooks only keep each layer's input X and output
-    gradient G (references, no kernels); update() turns them into the statistic per shape group (stack, two
-    batched products, one EMA step for all M), so a warm-up step costs tens of kernels, not ten per matrix."""
+    gradient G (references, no kernels); update() turns them into the statistic and takes one EMA step for all M.
+    How, depends on what bounds the device: on a GPU (launch-bound) per shape group, a stack and two batched
+    products, tens of kernels in all; on a CPU (memory-bound) per distinct input, no stacks, each X read once:
+    q, k and v share theirs, so their probed gradients are multiplied with it in one product."""
 
     def __init__(self, layers: list, *, decay: float = 0.98, estimator: str = "probe", n_probes: int = N_PROBES,
-                 seed: int = 0):
+                 seed: int = 0, batched: bool | None = None):
         if estimator not in ("exact", "probe"):
             raise ValueError(f"fw_estimator must be 'exact' or 'probe', got {estimator!r}")
         if n_probes < 1:
             raise ValueError(f"fw_probes must be >= 1, got {n_probes}")
         self.layers, self.decay, self.estimator, self.n_probes = layers, decay, estimator, n_probes
         like = layers[0].lora_A  # fp32 master adapters (float64 in the device-move test)
+        self.batched = like.device.type == "cuda" if batched is None else batched  # per shape group, or input
         self.F = like.new_zeros(len(layers))  # the EMA statistic
         self.groups, inverse = group_order(layers)
         self.inverse = inverse.to(like.device)  # group order -> layer order
@@ -161,16 +164,41 @@ class FisherProxy:
         step serves every matrix (its first d_out rows): each estimate stays unbiased."""
         if any(t is None for t in self.x + self.g):
             raise RuntimeError("the Fisher hooks saw no training forward and backward of every adapted layer")
+        # The probes' products run in the output gradients' dtype, as the step's own matmuls do: bf16 under
+        # autocast (fp32 accumulation; ±1 is exact in bf16). exact, the gate's reference, stays in fp32.
+        dt = self.g[0].dtype if self.estimator == "probe" else torch.float32
         z = None if self.estimator == "exact" else torch.randint(
             0, 2, (self.d_out, self.n_probes), generator=self.gen, device=self.F.device,
-            dtype=torch.float32).mul_(2).sub_(1)  # ±1
-        parts = []
-        for idx in self.groups:  # stacks of T × d tensors: the inputs and output gradients of one shape
-            X = torch.stack([self.x[i].reshape(-1, self.x[i].shape[-1]) for i in idx]).float()
-            G = torch.stack([self.g[i].reshape(-1, self.g[i].shape[-1]) for i in idx]).float()
-            parts.append(sq_grad_norms(X, G, None if z is None else z[:G.shape[-1]]))
+            dtype=torch.float32).mul_(2).sub_(1).to(dt)  # ±1
+        rows = {}  # each input as T × d_in in dt, cast once: q, k and v share theirs
+        for i, x in enumerate(self.x):
+            rows.setdefault(id(x), (x.reshape(-1, x.shape[-1]).to(dt), []))[1].append(i)
+        grads = [g.reshape(-1, g.shape[-1]).to(dt) for g in self.g]  # T × d_out each
+        sq = self._by_group(rows, grads, z) if self.batched else self._by_input(rows, grads, z)
         self.x, self.g = [None] * len(self.layers), [None] * len(self.layers)
+        return sq
+
+    def _by_group(self, rows: dict, grads: list, z) -> torch.Tensor:
+        """Per shape group: stacks of T × d inputs and gradients, two batched products (sq_grad_norms)."""
+        X_of = {i: X for X, users in rows.values() for i in users}
+        parts = []
+        for idx in self.groups:
+            X, G = torch.stack([X_of[i] for i in idx]), torch.stack([grads[i] for i in idx])
+            parts.append(sq_grad_norms(X, G, None if z is None else z[:G.shape[-1]]))
         return torch.cat(parts)[self.inverse]
+
+    def _by_input(self, rows: dict, grads: list, z) -> torch.Tensor:
+        """Per distinct input X (T × d_in) and the n layers it feeds: their probed gradients side by side,
+        U = [G_1 z … G_n z] (T × n·k), then one product Xᵀ U (d_in × n·k), squared and summed per layer."""
+        sq = self.F.new_empty(len(self.layers))
+        for X, users in rows.values():
+            if z is None:
+                sq[users] = torch.stack([(grads[i].mT @ X).float().pow(2).sum() for i in users]).to(sq)
+                continue
+            U = torch.cat([grads[i] @ z[:grads[i].shape[-1]] for i in users], dim=1)
+            V = (X.mT @ U).float().view(X.shape[1], len(users), -1)  # d_in × n × k
+            sq[users] = (V.pow(2).sum((0, 2)) / z.shape[1]).to(sq)
+        return sq
 
     @torch.no_grad()
     def update(self):

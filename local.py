@@ -107,7 +107,8 @@ def run_local(out: str, todo: list, jobs: list[Slot], steps: dict, timing: list)
     exits 130. `steps`, {name: optimiser steps}, weigh the time left."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["train", "bench", "transformers.models.bert.modeling_bert",
-                                "transformers.models.roberta.modeling_roberta"])
+                                "transformers.models.roberta.modeling_roberta",
+                                "transformers.models.mpnet.modeling_mpnet"])
     free, running, failed, took, t_start, k = list(jobs), {}, [], [], time.time(), 0
 
     def start(entry, args, name, slot, k, log=None):

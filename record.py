@@ -375,10 +375,13 @@ def train_ms(buckets_ms_total: dict) -> float:
 
 
 class Clock:
-    """Named timers: CUDA events on a GPU (no sync inside the loop), perf_counter on CPU (ops are synchronous)."""
+    """Named timers: CUDA events on a GPU (no sync inside the loop), perf_counter on CPU (ops are synchronous).
+    cpu_time: the process's CPU time instead (bench.py --clock=cpu, one thread): on cores shared with other jobs it
+    leaves out the time they held the cores."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, cpu_time: bool = False):
         self.cuda = device.type == "cuda"
+        self.now = time.process_time if cpu_time else time.perf_counter
         self.pending, self.ms = defaultdict(list), defaultdict(list)
 
     @contextmanager
@@ -390,9 +393,9 @@ class Clock:
             end.record()
             self.pending[name].append((start, end))
         else:
-            t0 = time.perf_counter()
+            t0 = self.now()
             yield
-            self.ms[name].append(1e3 * (time.perf_counter() - t0))
+            self.ms[name].append(1e3 * (self.now() - t0))
 
     def totals(self) -> dict:
         """{bucket: total ms}."""

@@ -79,7 +79,7 @@ class Config:
     fw_rank_min: int = 0          # fwrank: the smallest rank a matrix gets (0: left unadapted, as AdaLoRA may prune to 0)
     # running
     device: str = "auto"          # auto (CUDA if present) | cpu | cuda
-    precision: str = "auto"       # auto (bf16 on CUDA and on a CPU with AMX/AVX512-BF16, else fp32) | bf16 (autocast; weights, adapters, statistics stay fp32) | fp32
+    precision: str = "auto"       # auto: bf16 where native (CUDA, AMX/AVX512-BF16), else fp32 | bf16 | fp32
     log_every: int = 20           # steps between loss readouts (the only host syncs in the loop)
     timing_skip: int = 5          # first steps left out of ms/step (allocator and cache warm-up)
     save_adapters: bool = False   # also write <name>.safetensors (adapters + head) and <name>.peft/ (peft's format)

@@ -39,6 +39,9 @@ def test_gpu_acceptance_check_in_tiny_cpu_mode(tmp_path, monkeypatch, capsys):
     assert "fisher" in t["fwlora_warmup_probe32"]["buckets_ms_per_step"]
     assert "penalty" in t["fwlora_penalised"]["buckets_ms_per_step"]
     assert "allocator" in t["adalora_masking"]["buckets_ms_per_step"]
+    floor = saved["gemm_floor"]  # tiny-bert: (32, 32) and FFN (32, 64), (64, 32), each forward and backward
+    assert len(floor["gflop_per_s_by_shape"]) == 6 and floor["gemm_ms_per_step"] > 0
+    assert saved["lora_top_ops_ms"] and saved["precision"] == "bf16"
     out = capsys.readouterr().out
     assert "skip (tiny CPU mode): a CUDA device" in out and "FAIL" not in out
     assert "PASS: bf16 autocast active in every method" in out and f"PASS: every method ran ({len(bench.METHODS)})" in out
@@ -80,8 +83,28 @@ def test_bench_flags_are_checked_before_any_work(tmp_path, monkeypatch, capsys, 
 def test_a_failed_fisher_gate_exits_1(monkeypatch, capsys):
     """Issue 31, unclear case: `bench.py fisher` printed FAIL and exited 0."""
     rows = {"cola seed 0": {"gate": "pass"}, "cola seed 1": {"gate": "FAIL"}}
-    monkeypatch.setattr(bench, "fisher_gate", lambda cfg, seeds: rows)
+    monkeypatch.setattr(bench, "fisher_gate", lambda cfg, seeds, probes: rows)
     assert bench.main(["fisher", "--seeds=0,1"]) == 1
     assert "the gate fails on cola seed 1" in capsys.readouterr().err
-    monkeypatch.setattr(bench, "fisher_gate", lambda cfg, seeds: {"cola seed 0": {"gate": "pass"}})
+    monkeypatch.setattr(bench, "fisher_gate", lambda cfg, seeds, probes: {"cola seed 0": {"gate": "pass"}})
     assert bench.main(["fisher"]) == 0
+
+
+def test_fisher_gate_reads_the_exact_runs_gradients_with_every_probe_count(tmp_path):
+    """Probe proxies on the exact run's own X and G: with thousands of probes the estimate is all but exact
+    (Spearman near 1); with one probe it is not. One row per seed and probe count."""
+    cfg = tiny(tmp_path, task="cola", max_train=320, epochs=1, fw_warmup_max_frac=0.5)
+    table = bench.fisher_gate(cfg, [0], [1, 4096])
+    assert set(table) == {"cola seed 0 k=1", "cola seed 0 k=4096"} and table["cola seed 0 k=1"]["K"] == 5
+    assert table["cola seed 0 k=4096"]["spearman_I"] > 0.99 and table["cola seed 0 k=4096"]["gate"] == "pass"
+    assert table["cola seed 0 k=4096"]["median_rel_err_F"] < table["cola seed 0 k=1"]["median_rel_err_F"]
+    assert (tmp_path / "bench_fisher_cola_tiny-bert_probe1-4096_fp32.json").exists()
+
+
+def test_cpu_clock_needs_one_thread_and_is_recorded(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert bench.main(["runs", "--clock=cpu", "--model=tiny-bert", f"--out_dir={tmp_path}"]) == 1
+    assert "OMP_NUM_THREADS=1" in capsys.readouterr().err
+    cfg = tiny(tmp_path)
+    out = bench.runs({"lora": cfg}, toy_data(), cpu_time=True)
+    assert out["clock"] == "process CPU time, one thread" and out["runs"]["lora"]["train_s"] > 0

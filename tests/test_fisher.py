@@ -11,9 +11,11 @@ from fisher import DeltaWPenalty, FisherProxy, FWLoRA, sq_grad_norms
 from lora import LoRALinear
 
 
-def test_exact_statistic_equals_autograd_weight_gradient():
-    model, layers = lora_model(b_std=0.1)
-    proxy = FisherProxy(layers, estimator="exact")
+@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+@pytest.mark.parametrize("batched", [True, False])  # the GPU's layout (per shape group) and the CPU's (per input)
+def test_exact_statistic_equals_autograd_weight_gradient(kind, batched):
+    model, layers = lora_model(kind, b_std=0.1)
+    proxy = FisherProxy(layers, estimator="exact", batched=batched)
     proxy.start()
     for l in layers:  # make W trainable only to read autograd's answer
         l.base.weight.requires_grad_(True)
@@ -50,12 +52,24 @@ def test_ema_recursion_by_hand(monkeypatch):
 
 
 def test_probe_statistic_on_a_model_tracks_the_exact_one():
-    """The grouped probe path (one probe matrix per step for all matrices) against the exact one, same step."""
+    """The probe path (one probe matrix per step for all matrices) against the exact one, same step."""
     model, layers = lora_model(b_std=0.1)
     exact, probe = FisherProxy(layers, estimator="exact"), FisherProxy(layers, n_probes=4096)
     exact.start(), probe.start()
     model(**tiny_batch()).loss.backward()
     torch.testing.assert_close(probe.step_sq(), exact.step_sq(), rtol=0.15, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+def test_both_layouts_give_the_same_probe_estimates(kind):
+    """Per shape group (GPU) and per distinct input (CPU: q, k and v read their shared input once) draw the same
+    probes and give the same estimates."""
+    model, layers = lora_model(kind, b_std=0.1)
+    grouped, by_input = (FisherProxy(layers, n_probes=8, seed=3, batched=b) for b in (True, False))
+    grouped.start(), by_input.start()
+    model(**tiny_batch()).loss.backward()
+    assert len({id(x) for x in by_input.x}) == 4 * 2  # per layer: q, k, v's input, o's, FFN in's, FFN out's
+    torch.testing.assert_close(by_input.step_sq(), grouped.step_sq())
 
 
 def test_importance_sums_to_one_and_is_fixed_after_warmup():
