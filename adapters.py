@@ -1,16 +1,20 @@
-"""A run's adapters on disk: the project's own file and peft's folder, each read back with every check.
+"""A run's adapters on disk: the project's own file and peft's folder, each read back with every
+check.
 
 `--save_adapters=true` writes both (record.save_adapters, atomically, through record.write_file):
   * `<run>.safetensors`, the project's: every `lora_*` and head tensor under the model's own names;
     its header holds the run's task, method, rank, alpha and targets, sealed with a sha256 over the
-    header and the tensors. load_adapters() reads it into a model that already has the run's adapters.
+    header and the tensors. load_adapters() reads it into a model that already has the run's
+    adapters.
   * `<run>.peft/`, peft's: adapter_config.json and adapter_model.safetensors, which peft's
     PeftModel.from_pretrained (and, for LoRA, transformers' load_adapter) loads. Keys start with
     `base_model.model.` and carry no adapter name.
-      LoRA:    <module>.lora_A.weight (r × d_in), <module>.lora_B.weight (d_out × r); scale alpha / r
-               per module; rank_pattern holds fwrank's ranks; a matrix at rank 0 is not targeted.
-      AdaLoRA: <module>.lora_A (k × d_in), .lora_E (k × 1), .lora_B (d_out × k): the k kept triplets
-               only, in order; rank_pattern {"<module>.lora_E": init_r booleans}; scale alpha / init_r.
+      LoRA:    <module>.lora_A.weight (r × d_in), <module>.lora_B.weight (d_out × r);
+               scale alpha / r per module; rank_pattern holds fwrank's ranks; a matrix at rank 0
+               is not targeted.
+      AdaLoRA: <module>.lora_A (k × d_in), .lora_E (k × 1), .lora_B (d_out × k): the k kept
+               triplets only, in order; rank_pattern {"<module>.lora_E": init_r booleans};
+               scale alpha / init_r.
     The head (and BERT's pooler) is in modules_to_save. The run's own record (method, λ, weighting,
     F_m / I_m, budget, achieved count, git commit, the digest) sits under the config's "fwlora" key,
     which peft ignores with a warning ("Unexpected keyword arguments ['fwlora']").
@@ -34,7 +38,8 @@ from lora import LoRALinear, inject, is_head
 
 PREFIX = "base_model.model."  # peft's keys: PeftModel.base_model (the tuner).model (the HF model)
 RECORD = "fwlora"  # the config key of this project's record
-HEAD_MODULES = re.compile(r"classifier|score|.*\.pooler")  # where lora.HEAD_PATTERN's parameters live
+# where lora.HEAD_PATTERN's parameters live
+HEAD_MODULES = re.compile(r"classifier|score|.*\.pooler")
 # peft options that change what an adapter computes, which this reader lacks: (key, peft's default).
 UNSUPPORTED = (("use_dora", False), ("use_rslora", False), ("bias", "none"), ("lora_bias", False),
                ("fan_in_fan_out", False), ("layers_to_transform", None), ("exclude_modules", None),
@@ -51,8 +56,8 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def state_digest(state: dict[str, torch.Tensor], header: dict) -> str:
-    """sha256 over `header` (its JSON, keys sorted) and the tensors' names and bytes in name order: an
-    edited header (another task) or bytes that did not survive (zeroed, truncated) no longer match."""
+    """sha256 over `header` (its JSON, keys sorted) and the tensors' names and bytes in name order:
+    an edited header (another task) or bytes that did not survive (zeroed, truncated) fail it."""
     h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     for n in sorted(state):
         h.update(n.encode())
@@ -72,11 +77,11 @@ def same(recorded, wanted) -> bool:
 
 
 def check_expected(where: str, recorded: dict, expect: dict) -> None:
-    """The entries `expect` names (task, model, method, rank, ...) against the recorded ones. The task
-    is always needed: a head trained for one task gives another task's labels without a word."""
+    """The entries `expect` names (task, model, method, rank, ...) against the recorded ones. The
+    task is always needed: a head trained for one task gives another task's labels silently."""
     if "task" not in expect:
-        raise ValueError(f"loading {where} needs the task the model is for (expect={{'task': ...}}), "
-                         "or check_meta=False")
+        raise ValueError(f"loading {where} needs the task the model is for "
+                         "(expect={'task': ...}), or check_meta=False")
     wrong = [f"{k} {recorded.get(k, '(absent)')!r} (want {str(v)!r})" for k, v in expect.items()
              if not same(recorded.get(k), v)]
     if wrong:
@@ -89,7 +94,7 @@ def read_safetensors(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         with safe_open(str(path), "pt") as f:
             return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error type for a file that is not safetensors
+    except Exception as e:  # safetensors' own error type, for a file that is not safetensors
         raise ValueError(f"{path}: not a readable safetensors adapter file "
                          f"({str(e).splitlines()[0]})") from None
 
@@ -106,12 +111,15 @@ def project_file(model: nn.Module, meta: dict) -> bytes:
 def load_adapters(model: nn.Module, path: str, expect: dict, check_meta: bool = True) -> dict:
     """Load a project_file() into `model`, which already has the run's adapters; returns the header.
     Always checked: the digest, and the names and shapes against the model. `expect`: the header
-    entries this use needs, the task among them (check_expected); the model's own LoRA alpha is added.
-    A missing or different entry is an error unless check_meta=False (the caller knows it fits)."""
+    entries this use needs, the task among them (check_expected); the model's own LoRA alpha is
+    added. A missing or different entry is an error unless check_meta=False (the caller knows
+    it fits)."""
     meta, state = read_safetensors(path)
-    if meta.get("sha256") != state_digest(state, {k: v for k, v in meta.items() if k != "sha256"}):
+    header = {k: v for k, v in meta.items() if k != "sha256"}
+    if meta.get("sha256") != state_digest(state, header):
         raise ValueError(f"{path}: its header or tensors do not match the digest in its header "
-                         "(damaged, edited, or not written by this project): save the adapters again")
+                         "(damaged, edited, or not written by this project): "
+                         "save the adapters again")
     alphas = {m.alpha for m in model.modules() if hasattr(m, "lora_A")}
     if check_meta:
         own = {"lora_alpha": alphas.pop()} if len(alphas) == 1 else {}
@@ -130,14 +138,15 @@ def load_adapters(model: nn.Module, path: str, expect: dict, check_meta: bool = 
 # ---- peft's folder: writing ----
 
 def head_modules(model: nn.Module) -> list[str]:
-    """The head's modules as modules_to_save names them: `classifier` (or `score`), `bert.pooler`."""
+    """The head's modules as modules_to_save names them: `classifier` (or `score`),
+    `bert.pooler`."""
     return [n for n, m in model.named_modules()
             if HEAD_MODULES.fullmatch(n) and any(True for _ in m.parameters())]
 
 
 def sealed(config: dict) -> dict:
-    """What a peft folder's digest covers besides its tensors: the config, less the digest itself and
-    less base_model_name_or_path (people point that at their own copy of the base model)."""
+    """What a peft folder's digest covers besides its tensors: the config, less the digest itself
+    and less base_model_name_or_path (people point that at their own copy of the base model)."""
     out = {k: v for k, v in config.items() if k != "base_model_name_or_path"}
     return out | {RECORD: {k: v for k, v in config[RECORD].items() if k != "sha256"}}
 
@@ -149,8 +158,9 @@ def most_common(values: list):
 def peft_files(model: nn.Module, layers: dict, record: dict, base_model: str | None = None,
                keep: dict | None = None, ada_config: dict | None = None) -> dict[str, bytes]:
     """`<run>.peft/` as {file name: bytes}, from the adapter layers {module: LoRALinear or
-    AdaLoRALinear} and the model's head. AdaLoRA: `keep` {module: init_r booleans} (the allocator's
-    last mask) and `ada_config`, peft's AdaLoRA fields (target_r, total_step, tinit, tfinal, ...)."""
+    AdaLoRALinear} and the model's head. AdaLoRA: `keep` {module: init_r booleans} (the
+    allocator's last mask) and `ada_config`, peft's AdaLoRA fields (target_r, total_step, tinit,
+    tfinal, ...)."""
     state = {}
     for name, l in layers.items():
         key = PREFIX + name
@@ -171,7 +181,8 @@ def peft_files(model: nn.Module, layers: dict, record: dict, base_model: str | N
               "target_modules": list(layers), "modules_to_save": head_modules(model),
               "rank_pattern": {n: l.r for n, l in layers.items() if l.r != r},
               "alpha_pattern": {n: l.alpha for n, l in layers.items() if l.alpha != alpha}}
-    if keep is not None:  # peft's AdaLoRA: one init_r for all matrices, and no `r` (it warns on one)
+    # peft's AdaLoRA: one init_r for all matrices, and no `r` (it warns on one)
+    if keep is not None:
         del config["r"]
         config |= {"peft_type": "ADALORA", "init_r": r, **(ada_config or {}),
                    "rank_pattern": {f"{n}.lora_E": keep[n] for n in layers}}
@@ -214,29 +225,33 @@ def read_peft_config(path: str) -> dict:
             config = json.load(f)
     except FileNotFoundError:
         raise ValueError(f"{path} not found: a peft adapter folder holds adapter_config.json and "
-                         "adapter_model.safetensors (--save_adapters=true writes <run>.peft/)") from None
+                         "adapter_model.safetensors (--save_adapters=true writes "
+                         "<run>.peft/)") from None
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable adapter config ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: not a readable adapter config "
+                         f"({type(e).__name__}: {e})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: not a peft adapter config (a JSON object)")
     return config
 
 
 def check_supported(path: str, config: dict) -> None:
-    """Refuse what this reader cannot reproduce: another method or task type, a peft option it lacks."""
+    """Refuse what this reader cannot reproduce: another method or task type, a peft option it
+    lacks."""
     if config.get("peft_type") not in ("LORA", "ADALORA"):
         raise ValueError(f"{path}: peft_type {config.get('peft_type')!r}; this project reads LORA "
                          "and ADALORA")
     if config.get("task_type") != "SEQ_CLS":
-        raise ValueError(f"{path}: task_type {config.get('task_type')!r}; this project's models are "
-                         "sequence classifiers (SEQ_CLS)")
+        raise ValueError(f"{path}: task_type {config.get('task_type')!r}; this project's models "
+                         "are sequence classifiers (SEQ_CLS)")
     for key, default in UNSUPPORTED:
         if config.get(key, default) not in (default, None, False, [], {}):
             raise ValueError(f"{path}: uses {key}={config[key]!r}, which this project does not "
                              "implement")
     if config["peft_type"] == "ADALORA" and not config.get("rank_pattern"):
         raise ValueError(f"{path}: an AdaLoRA config without rank_pattern (which of the init_r "
-                         "triplets each matrix kept): export it after pruning, or give rank_pattern")
+                         "triplets each matrix kept): export it after pruning, or give "
+                         "rank_pattern")
 
 
 def adapter_layout(path: str, model: nn.Module, config: dict) -> dict[str, dict]:
@@ -245,9 +260,11 @@ def adapter_layout(path: str, model: nn.Module, config: dict) -> dict[str, dict]
     names = peft_targets(model, config)
     if not names:
         tm = config.get("target_modules")
-        shown = tm if isinstance(tm, str) or len(tm or []) <= 3 else tm[:3] + [f"... {len(tm) - 3} more"]
-        raise ValueError(f"{path}: target_modules {shown!r} match no module of this model (saved for "
-                         "another base model?)")
+        shown = tm
+        if not isinstance(tm, str) and len(tm or []) > 3:
+            shown = tm[:3] + [f"... {len(tm) - 3} more"]
+        raise ValueError(f"{path}: target_modules {shown!r} match no module of this model "
+                         "(saved for another base model?)")
     not_linear = [n for n in names if not isinstance(model.get_submodule(n), nn.Linear)]
     if not_linear:
         raise ValueError(f"{path}: target_modules match {not_linear[:3]}, which are not nn.Linear "
@@ -269,7 +286,8 @@ def adapter_layout(path: str, model: nn.Module, config: dict) -> dict[str, dict]
         if module not in layout:
             raise ValueError(f"{path}: rank_pattern {key!r} names no adapted module of this model")
         if len(mask) != r0:
-            raise ValueError(f"{path}: rank_pattern {key!r} has {len(mask)} entries, not init_r = {r0}")
+            raise ValueError(f"{path}: rank_pattern {key!r} has {len(mask)} entries, "
+                             f"not init_r = {r0}")
         layout[module]["keep"] = [bool(b) for b in mask]
     return layout
 
@@ -283,21 +301,29 @@ def peft_shapes(model: nn.Module, layout: dict, config: dict) -> dict[str, tuple
         if m["keep"] is None:
             want |= {f"{key}.lora_A.weight": (r, d_in), f"{key}.lora_B.weight": (d_out, r)}
         else:
-            want |= {f"{key}.lora_A": (k, d_in), f"{key}.lora_E": (k, 1), f"{key}.lora_B": (d_out, k)}
+            want |= {f"{key}.lora_A": (k, d_in), f"{key}.lora_E": (k, 1),
+                     f"{key}.lora_B": (d_out, k)}
     saved = [n for n, _ in model.named_modules()
              if n and any(n.endswith(m) for m in saved_modules(config))]  # peft's rule: a suffix
     return want | {PREFIX + p: tuple(t.shape) for p, t in model.named_parameters()
                    if any(p.startswith(m + ".") for m in saved)}
 
 
+def first_three(items: list) -> str:
+    """The first three items, and how many more there are."""
+    more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+    return f"{items[:3]}{more}"
+
+
 def mismatches(state: dict, want: dict) -> list[str]:
-    """What keeps `state` from being exactly the tensors `want` names: missing, unexpected, shapes."""
+    """What keeps `state` from being exactly the tensors `want` names: missing, extra, shapes."""
     missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    other = [f"{n} {tuple(state[n].shape)} (model {want[n]})" for n in sorted(set(want) & set(state))
+    shared = sorted(set(want) & set(state))
+    other = [f"{n} {tuple(state[n].shape)} (model {want[n]})" for n in shared
              if tuple(state[n].shape) != want[n]]
     found = (("missing keys", missing), ("unexpected keys", extra), ("other shapes", other))
-    return [f"{what} {items[:3]}" + (f" and {len(items) - 3} more" if len(items) > 3 else "")
-            for what, items in found if items]
+    return [f"{what} {first_three(items)}" for what, items in found if items]
+
 
 
 def load_peft(model: nn.Module, folder: str, expect: dict, check_meta: bool = True) -> dict:
@@ -308,8 +334,9 @@ def load_peft(model: nn.Module, folder: str, expect: dict, check_meta: bool = Tr
     folder without a record loads only with check_meta=False), the config's options, the targets
     against the model, every tensor's name and shape."""
     if os.path.isfile(folder):
-        raise ValueError(f"{folder} is a file, not a peft adapter folder (--save_adapters=true writes "
-                         "<run>.peft/ beside <run>.safetensors, which adapters.load_adapters reads)")
+        raise ValueError(f"{folder} is a file, not a peft adapter folder (--save_adapters=true "
+                         "writes <run>.peft/ beside <run>.safetensors, which "
+                         "adapters.load_adapters reads)")
     config_path = os.path.join(folder, "adapter_config.json")
     tensors_path = os.path.join(folder, "adapter_model.safetensors")
     config = read_peft_config(config_path)
@@ -320,8 +347,8 @@ def load_peft(model: nn.Module, folder: str, expect: dict, check_meta: bool = Tr
                          f"{RECORD}.sha256 (damaged or edited): export it again, or delete "
                          f"{RECORD}.sha256 to load an edited folder unchecked")
     if check_meta and not record:
-        raise ValueError(f"{config_path} holds no '{RECORD}' record (a peft adapter this project did "
-                         "not export), so its task and base model cannot be checked: pass "
+        raise ValueError(f"{config_path} holds no '{RECORD}' record (a peft adapter this project "
+                         "did not export), so its task and base model cannot be checked: pass "
                          "check_meta=False if you know it fits")
     if check_meta:
         check_expected(config_path, record, expect)
@@ -330,8 +357,8 @@ def load_peft(model: nn.Module, folder: str, expect: dict, check_meta: bool = Tr
     want = peft_shapes(model, layout, config)
     problems = mismatches(state, want)
     if problems:
-        raise ValueError(f"{tensors_path} does not fit this model: {'; '.join(problems)} (saved for "
-                         "another base model, method or rank?)")
+        raise ValueError(f"{tensors_path} does not fit this model: {'; '.join(problems)} "
+                         "(saved for another base model, method or rank?)")
     name_of = {id(model.get_submodule(n)): n for n in layout}
 
     def make_layer(lin: nn.Linear) -> LoRALinear:
@@ -347,7 +374,8 @@ def load_peft(model: nn.Module, folder: str, expect: dict, check_meta: bool = Tr
                 l.lora_B.copy_(state[f"{key}.lora_B.weight"])
                 continue
             k = torch.tensor(layout[n]["keep"], dtype=torch.bool, device=l.lora_E.device)
-            for p in (l.lora_A, l.lora_E, l.lora_B):  # pruned triplets were not saved: 0 (E = 0 is enough)
+            # pruned triplets were not saved: 0 (E = 0 is enough)
+            for p in (l.lora_A, l.lora_E, l.lora_B):
                 p.zero_()
             l.lora_A[k] = state[f"{key}.lora_A"].to(l.lora_A)
             l.lora_E[k] = state[f"{key}.lora_E"].to(l.lora_E)

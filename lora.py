@@ -7,8 +7,8 @@ A LoRALinear *wraps* a frozen nn.Linear (composition, as lit-gpt does) and adds 
 idempotent; nothing merges as a side effect of train()/eval() (loralib's eval() override did and
 was never called). Every adapter parameter is named `lora_*`, so freezing and saving are one filter.
 
-Also here: swapping named modules for adapters, freezing and the budget rule (percent -> rank); saving and
-loading adapters is adapters.py. Run the tests: `python -m pytest tests/test_lora.py`.
+Also here: swapping named modules for adapters, freezing and the budget rule (percent -> rank);
+saving and loading adapters is adapters.py. Run the tests: `python -m pytest tests/test_lora.py`.
 """
 import math
 import re
@@ -18,14 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # The six matrices AdaLoRA adapts in every layer: q, k, v, attention output, FFN in, FFN out.
-# BERT and RoBERTa name them alike; MPNet names the attention's four attention.attn.{q,k,v,o}. Matched against the
-# full module name.
+# BERT and RoBERTa name them alike; MPNet names the attention's four attention.attn.{q,k,v,o}.
+# Matched against the full module name.
 DEFAULT_TARGETS = (r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.attn\.(q|k|v|o)"
                    r"|attention\.output\.dense|intermediate\.dense|output\.dense)")
-# The classification head: trained, not counted in the budget (as in the papers). The official AdaLoRA code
-# trains every parameter outside the encoder: RoBERTa's head has its own dense layer (inside `classifier`);
-# BERT's counterpart is the pooler (dense + tanh over [CLS]), which all-MiniLM-L6-v2 never trained for
-# classification, so it trains here too.
+# The classification head: trained, not counted in the budget (as in the papers). The official
+# AdaLoRA code trains every parameter outside the encoder: RoBERTa's head has its own dense layer
+# (inside `classifier`); BERT's counterpart is the pooler (dense + tanh over [CLS]), which
+# all-MiniLM-L6-v2 never trained for classification, so it trains here too.
 HEAD_PATTERN = re.compile(r"(classifier|score)\..*|.*\.pooler\..*")
 
 
@@ -38,7 +38,8 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRA rank must be >= 1, got {r}")
         self.base, self.r, self.alpha = base, r, alpha
         self.scaling = alpha / r
-        like = dict(device=base.weight.device, dtype=base.weight.dtype)  # the weight it serves (fp32 master)
+        # like the weight it serves (the fp32 master)
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))   # r × d_in
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))  # d_out × r
         # A as nn.Linear inits its weight (Kaiming-uniform, a=√5), B = 0, so ΔW = 0 at step 0.
@@ -53,7 +54,7 @@ class LoRALinear(nn.Module):
         return self.base.in_features + self.base.out_features
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = scaling · B A (d_out × d_in), in fp32; for merging and tests, never in training."""
+        """ΔW = scaling · B A (d_out × d_in), in fp32: for merging and tests, not training."""
         return self.scaling * (self.lora_B.float() @ self.lora_A.float())
 
     def lora_path(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,23 +117,27 @@ def freeze_base(model: nn.Module) -> None:
 
 def count_base_params(model: nn.Module) -> int:
     """Parameters of the pretrained model: everything except adapters and the head."""
-    return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and not is_head(n))
+    base = [p for n, p in model.named_parameters() if "lora_" not in n and not is_head(n)]
+    return sum(p.numel() for p in base)
 
 
 def rank_for_budget(budget_pct: float, n_base: int, shapes: list[tuple[int, int]]) -> int:
-    """The budget rule: the smallest uniform integer rank whose adapter count reaches the budget (rounded up).
+    """The budget rule: the smallest uniform integer rank whose adapter count reaches the budget
+    (rounded up).
 
-    One unit of rank on matrix (d_out, d_in) costs d_in + d_out parameters. On roberta-base's 6 matrices × 12
-    layers (165,888 per unit of rank, 124,055,040 base parameters) 0.1 / 0.2 / 0.5% are 0.75 / 1.50 / 3.74 units:
-    r = 1, 2, 4, the ranks the hypothesis's budgets mean. (Nearest rank would give 0.2% -> r = 1, the same run
-    as 0.1%.) A budget under half of rank 1 is refused: rank 1 would overshoot it more than twice.
+    One unit of rank on matrix (d_out, d_in) costs d_in + d_out parameters. On roberta-base's
+    6 matrices × 12 layers (165,888 per unit of rank, 124,055,040 base parameters) 0.1 / 0.2 / 0.5%
+    are 0.75 / 1.50 / 3.74 units: r = 1, 2, 4, the ranks the hypothesis's budgets mean. (Nearest
+    rank would give 0.2% -> r = 1, the same run as 0.1%.) A budget under half of rank 1 is refused:
+    rank 1 would overshoot it more than twice.
     """
     if not budget_pct > 0:
         raise ValueError(f"budget must be > 0 (percent of base parameters), got {budget_pct}")
     per_rank = sum(d_in + d_out for d_out, d_in in shapes)
     units = budget_pct / 100 * n_base / per_rank
     if units < 0.5:
-        raise ValueError(f"budget {budget_pct}% is below half of rank 1 ({100 * per_rank / n_base:.3f}%)"
+        rank_1 = 100 * per_rank / n_base
+        raise ValueError(f"budget {budget_pct}% is below half of rank 1 ({rank_1:.3f}%)"
                          f" on these {len(shapes)} matrices: raise --budget to at least "
                          f"{50 * per_rank / n_base:.3f} or adapt fewer matrices")
     r = math.ceil(units - 1e-9)  # a budget that is exactly k units (up to float error) is rank k
@@ -151,29 +156,33 @@ def adapter_params(layers: list, ranks: list[int] | None = None) -> int:
 
 
 def shape_groups(layers: list) -> list[list]:
-    """Adapter layers bucketed by (A shape, B shape, scaling), so per-matrix terms can be batched."""
+    """Adapter layers bucketed by (A shape, B shape, scaling): per-matrix terms batched by group."""
     groups: dict[tuple, list] = {}
     for l in layers:
-        groups.setdefault((tuple(l.lora_A.shape), tuple(l.lora_B.shape), l.scaling), []).append(l)
+        key = (tuple(l.lora_A.shape), tuple(l.lora_B.shape), l.scaling)
+        groups.setdefault(key, []).append(l)
     return list(groups.values())
 
 
 def group_order(layers: list) -> tuple[list[list[int]], torch.Tensor]:
-    """shape_groups(layers) as layer indices, and the permutation that puts group-ordered values back in layer
-    order (values_in_group_order[inverse] is in layer order)."""
+    """shape_groups(layers) as layer indices, and the permutation that puts group-ordered values
+    back in layer order (values_in_group_order[inverse] is in layer order)."""
     position = {id(l): i for i, l in enumerate(layers)}
     groups = [[position[id(l)] for l in g] for g in shape_groups(layers)]
     return groups, torch.argsort(torch.tensor(sum(groups, [])))
 
 
 def stack_factors(layers: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of one shape group, stacked (g × r × d_in, g × d_out × r), detached: for the terms whose gradient is
-    added by hand (add_to_grads_), so that autograd never sends a second gradient back through the stack."""
-    return torch.stack([l.lora_A.detach() for l in layers]), torch.stack([l.lora_B.detach() for l in layers])
+    """(A, B) of one shape group, stacked (g × r × d_in, g × d_out × r), detached: for the terms
+    whose gradient is added by hand (add_to_grads_), so that autograd never sends a second gradient
+    back through the stack."""
+    A = torch.stack([l.lora_A.detach() for l in layers])
+    B = torch.stack([l.lora_B.detach() for l in layers])
+    return A, B
 
 
 def add_to_grads_(params: list, grads: torch.Tensor) -> None:
-    """p.grad += grads[i] for every p: one multi-tensor add, after backward (a missing .grad is created)."""
+    """p.grad += grads[i] for every p (created if missing): one multi-tensor add, after backward."""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

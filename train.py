@@ -1,17 +1,19 @@
-"""Fine-tune an encoder on GLUE SST-2 / CoLA with one method: LoRA, AdaLoRA, FW-LoRA, its controls (l2lora,
-fwshuffle, fwmax, fwrank; fisher.py) or the head-only floor.
+"""Fine-tune an encoder on GLUE SST-2 / CoLA with one method: LoRA, AdaLoRA, FW-LoRA, its controls
+(l2lora, fwshuffle, fwmax, fwrank; fisher.py) or the head-only floor.
 
     python train.py --task=sst2 --method=fwlora --budget=0.2 --max_train=8000 --epochs=1 --lr=2e-3
-    python train.py --help            # every Config field: default, unit and where the default comes from
-    python train.py --model=M --task=T --eval_adapters=results/<run>.peft   # a saved run's adapters on dev
+    python train.py --help    # every Config field: default, unit and where the default comes from
+    python train.py --model=M --task=T --eval_adapters=results/<run>.peft  # its adapters on dev
 
-Top to bottom: Config, build_method(), prepare() (a run's whole state, `Run`), train_step(run, batch, step)
-(each method's extra work is one commented line where it acts), run_epoch(), train(cfg): check -> prepare ->
-loop -> finish, which writes <name>.json (.partial.json per epoch, .error.json on failure: record.py).
+Top to bottom: Config, build_method(), prepare() (a run's whole state, `Run`),
+train_step(run, batch, step) (each method's extra work is one commented line where it acts),
+run_epoch(), train(cfg): check -> prepare -> loop -> finish, which writes <name>.json
+(.partial.json per epoch, .error.json on failure: record.py).
 
-Random streams, all derived from `seed`: the global torch RNG (seeded once in prepare(): random models,
-adapter and head init, dropout); the training subset (Generator(seed), data.make_batches); the batch order
-(Generator(1000·seed + epoch), Run.epoch); FW-LoRA's probes (their own Generator(seed), fisher.py).
+Random streams, all derived from `seed`: the global torch RNG (seeded once in prepare(): random
+models, adapter and head init, dropout); the training subset (Generator(seed), data.make_batches);
+the batch order (Generator(1000·seed + epoch), Run.epoch); FW-LoRA's probes (their own
+Generator(seed), fisher.py).
 """
 import dataclasses
 import itertools
@@ -29,123 +31,169 @@ from tqdm import tqdm
 from adalora import AdaLoRALinear, RankAllocator, ada_initial_rank, check_schedule
 from adapters import load_peft
 from data import RANDOM_MODELS, TASKS, Batches, check_task, load_model, make_batches, provenance
-from fisher import LAMBDA, N_PROBES, WEIGHTING, FWLoRA, allocate_ranks, fisher_prepass, warmup_length
-from lora import (LoRALinear, adapter_params, count_base_params, freeze_base, inject, rank_for_budget,
-                  target_names)
-from record import (METHODS, Clock, environment, failure_kept, finish, metrics, parse_args, plain_output,
-                    result_paths, write_json)
+from fisher import (LAMBDA, N_PROBES, WEIGHTING, FWLoRA, allocate_ranks, fisher_prepass,
+                    warmup_length)
+from lora import (LoRALinear, adapter_params, count_base_params, freeze_base, inject,
+                  rank_for_budget, target_names)
+from record import (METHODS, Clock, environment, failure_kept, finish, metrics, parse_args,
+                    plain_output, result_paths, write_json)
 
 @dataclass
 class Config:
     # what to run
-    task: str = "sst2"            # sst2 (accuracy) | cola (Matthews corr.): the hypothesis's two tasks
-    method: str = "lora"          # lora | adalora | fwlora | the controls l2lora, fwshuffle, fwmax, fwrank (fisher.py) | head (the floor: no adapters)
-    model: str = "minilm"         # minilm | mpnet (offline: PyPI) | roberta-base (hub) | a local folder | random-roberta-base | tiny-bert
-    budget: float = 0.2           # adapter parameters, % of the base model (hypothesis: 0.1, 0.2, 0.5)
+    task: str = "sst2"            # sst2 (accuracy) | cola (Matthews corr.):
+                                  # the hypothesis's two tasks
+    method: str = "lora"          # lora | adalora | fwlora | the controls l2lora, fwshuffle, fwmax,
+                                  # fwrank (fisher.py) | head (the floor: no adapters)
+    model: str = "minilm"         # minilm | mpnet (offline: PyPI) | roberta-base (hub) |
+                                  # a local folder | random-roberta-base | tiny-bert
+    budget: float = 0.2           # adapter parameters, % of the base model
+                                  # (hypothesis: 0.1, 0.2, 0.5)
     seed: int = 0                 # every random stream derives from it (module docstring)
-    glue_dir: str = ""            # "" = the GLUE copy in ./glue | hub (datasets, needs internet) | a folder
+    glue_dir: str = ""            # "" = the GLUE copy in ./glue |
+                                  # hub (datasets, needs internet) | a folder
     out_dir: str = "results"      # where the run's JSON (and adapters) go
-    # optimisation (hypothesis: 3 epochs, batch 32, lr 2e-4, AdamW, linear schedule, warm-up ratio 0.06)
+    # optimisation (hypothesis: 3 epochs, batch 32, lr 2e-4, AdamW, linear schedule,
+    # warm-up ratio 0.06)
     epochs: int = 3               # passes over the training set (hypothesis)
     batch_size: int = 32          # examples per step (hypothesis)
     lr: float = 2e-4              # peak learning rate (hypothesis)
-    weight_decay: float = 0.0     # AdamW; 0: the only regulariser on adapters is the method's own penalty
-    warmup_ratio: float = 0.06    # fraction of steps of linear lr warm-up, then linear decay to 0 (hypothesis)
-    max_grad_norm: float = 1.0    # clip the global gradient norm before each step; 0 = off (HF Trainer default, used by the official LoRA/AdaLoRA GLUE runs)
+    weight_decay: float = 0.0     # AdamW; 0: the only regulariser on adapters
+                                  # is the method's own penalty
+    warmup_ratio: float = 0.06    # fraction of steps of linear lr warm-up,
+                                  # then linear decay to 0 (hypothesis)
+    max_grad_norm: float = 1.0    # clip the global gradient norm before each step; 0 = off
+                                  # (HF Trainer default, used by the official LoRA/AdaLoRA
+                                  # GLUE runs)
     max_length: int = 128         # tokens; longer sentences truncated (GLUE sentences rarely are)
-    group_by_length: bool = True  # batches of similar length (HF's group_by_length): ~1/3 of random batches' padding
+    group_by_length: bool = True  # batches of similar length (HF's group_by_length):
+                                  # ~1/3 of random batches' padding
     max_train: int = 0            # >0: seeded random subset of the training set (CPU runs); 0 = all
-    max_eval: int = 0             # >0: first N dev examples (tests only; reported numbers use all of dev)
-    heldout: int = 0              # >0: evaluate on this many training examples held out of training, not on dev (tuning: dev is the test set)
+    max_eval: int = 0             # >0: first N dev examples
+                                  # (tests only; reported numbers use all of dev)
+    heldout: int = 0              # >0: evaluate on this many training examples held out of
+                                  # training, not on dev (tuning: dev is the test set)
     # LoRA (Hu et al. 2021)
     lora_alpha: float = 16.0      # scaling = alpha / r; LoRA paper: set once, not tuned
     lora_dropout: float = 0.0     # on the LoRA path's input; the hypothesis sets none
     # AdaLoRA (Zhang et al. 2023, official GLUE scripts); peft: tinit, tfinal, deltaT
     ada_init_ratio: float = 1.5   # initial rank / target average rank (paper: b0 ≈ 1.5 bT)
     ada_t_init: int = -1          # steps before pruning starts; -1 = 10% of T
-    ada_t_final: int = -1         # final fixed-budget steps; -1 = 40% of T, so ~half of T decreases (author's advice)
+    ada_t_final: int = -1         # final fixed-budget steps; -1 = 40% of T,
+                                  # so ~half of T decreases (author's advice)
     ada_delta_t: int = 10         # steps between masks while decreasing (official CoLA script: 10)
     ada_beta1: float = 0.85       # EMA of sensitivity (official)
     ada_beta2: float = 0.85       # EMA of uncertainty (official)
-    ada_gamma: float = 0.1        # orthogonality weight γ (official GLUE scripts; peft's default is 0.5)
+    ada_gamma: float = 0.1        # orthogonality weight γ (official GLUE scripts;
+                                  # peft's default is 0.5)
     # FW-LoRA (the hypothesis)
     fw_lambda: float = LAMBDA     # λ of the penalty (hypothesis: 1e-4)
-    fw_warmup_steps: int = 500    # K, Fisher warm-up steps (hypothesis: ~500), capped by fw_warmup_max_frac
-    fw_warmup_max_frac: float = 0.1   # K <= this fraction of T (500 is 7.9% of a full 3-epoch SST-2 run)
+    fw_warmup_steps: int = 500    # K, Fisher warm-up steps (hypothesis: ~500),
+                                  # capped by fw_warmup_max_frac
+    fw_warmup_max_frac: float = 0.1   # K <= this fraction of T
+                                      # (500 is 7.9% of a full 3-epoch SST-2 run)
     fw_alpha: float = 0.98        # α, EMA decay of ‖∇W‖² (hypothesis)
-    fw_estimator: str = "probe"   # probe (unbiased, cheap) | exact (‖GᵀX‖² in full); README: Fisher estimator
+    fw_estimator: str = "probe"   # probe (unbiased, cheap) | exact (‖GᵀX‖² in full);
+                                  # README: Fisher estimator
     fw_probes: int = N_PROBES     # Rademacher probes per step (README, Fisher estimator: the gate)
-    fw_form: str = "delta"        # delta: ‖ΔW‖_F² (the text) | factors: ‖A‖²+‖B‖² (the sketch)
-    fw_rank_min: int = 0          # fwrank: the smallest rank a matrix gets (0: left unadapted, as AdaLoRA may prune to 0)
+    fw_form: str = "delta"        # delta: ‖ΔW‖_F² (the text) |
+                                  # factors: ‖A‖²+‖B‖² (the sketch)
+    fw_rank_min: int = 0          # fwrank: the smallest rank a matrix gets
+                                  # (0: left unadapted, as AdaLoRA may prune to 0)
     # running
     device: str = "auto"          # auto (CUDA if present) | cpu | cuda
-    precision: str = "auto"       # auto: bf16 where native (CUDA, AMX/AVX512-BF16), else fp32 | bf16 | fp32
+    precision: str = "auto"       # auto (bf16 on CUDA and on a CPU with AMX/AVX512-BF16,
+                                  # else fp32) | bf16 (autocast; weights, adapters,
+                                  # statistics stay fp32) | fp32
     log_every: int = 20           # steps between loss readouts (the only host syncs in the loop)
     timing_skip: int = 5          # first steps left out of ms/step (allocator and cache warm-up)
-    save_adapters: bool = False   # also write <name>.safetensors (adapters + head) and <name>.peft/ (peft's format)
-    eval_adapters: str = ""       # a <name>.peft folder: its adapters on --model, scored on --task's dev; no training
+    save_adapters: bool = False   # also write <name>.safetensors (adapters + head)
+                                  # and <name>.peft/ (peft's format)
+    eval_adapters: str = ""       # a <name>.peft folder: its adapters on --model,
+                                  # scored on --task's dev; no training
     overwrite: bool = False       # replace a finished result of the same name (otherwise an error)
 
 
-# The range of every numeric field: (low, high, low inclusive, high inclusive); the message shows it as written here.
-RANGES = {**dict.fromkeys(("epochs", "batch_size", "max_length", "ada_delta_t", "fw_warmup_steps", "fw_probes",
-                           "log_every"), (1, math.inf, True, False)),
-          **dict.fromkeys(("max_train", "max_eval", "heldout", "max_grad_norm", "timing_skip", "weight_decay", "fw_rank_min",
-                           "fw_lambda", "ada_gamma"), (0, math.inf, True, False)),
-          "lr": (0, math.inf, False, False),
-          "lora_alpha": (0, 1e4, False, True),  # at 1e38 alpha/r overflows: the adapters never move
-          "budget": (0, 100, False, False), "warmup_ratio": (0, 1, True, False), "lora_dropout": (0, 1, True, False),
-          "ada_beta1": (0, 1, False, False), "ada_beta2": (0, 1, False, False), "fw_alpha": (0, 1, False, False),
-          "ada_init_ratio": (1, math.inf, True, False), "fw_warmup_max_frac": (0, 1, False, True),
-          "seed": (0, 2**32, True, False)}  # the seed: 1000·seed + epoch must stay a valid generator seed
+# The range of every numeric field: (low, high, low inclusive, high inclusive); the message
+# shows it as written here.
+RANGES = {
+    **dict.fromkeys(("epochs", "batch_size", "max_length", "ada_delta_t", "fw_warmup_steps",
+                     "fw_probes", "log_every"), (1, math.inf, True, False)),
+    **dict.fromkeys(("max_train", "max_eval", "heldout", "max_grad_norm", "timing_skip",
+                     "weight_decay", "fw_rank_min", "fw_lambda", "ada_gamma"),
+                    (0, math.inf, True, False)),
+    "lr": (0, math.inf, False, False),
+    "lora_alpha": (0, 1e4, False, True),  # at 1e38 alpha/r overflows: the adapters never move
+    "budget": (0, 100, False, False),
+    "warmup_ratio": (0, 1, True, False),
+    "lora_dropout": (0, 1, True, False),
+    "ada_beta1": (0, 1, False, False),
+    "ada_beta2": (0, 1, False, False),
+    "fw_alpha": (0, 1, False, False),
+    "ada_init_ratio": (1, math.inf, True, False),
+    "fw_warmup_max_frac": (0, 1, False, True),
+    "seed": (0, 2**32, True, False),  # 1000·seed + epoch must stay a valid generator seed
+}
 
 
 def check_config(cfg: Config) -> None:
     """Fail before any work on input that cannot run, with what to do instead."""
     check_task(cfg.task)
-    for key, allowed in (("method", METHODS), ("device", ("auto", "cpu", "cuda")), ("precision", ("auto", "bf16",
-                         "fp32")), ("fw_estimator", ("probe", "exact")), ("fw_form", ("delta", "factors"))):
-        if getattr(cfg, key) not in allowed:
-            raise ValueError(f"unknown {key} {getattr(cfg, key)!r}: choose one of {', '.join(allowed)}")
+    choices = {"method": METHODS, "device": ("auto", "cpu", "cuda"),
+               "precision": ("auto", "bf16", "fp32"), "fw_estimator": ("probe", "exact"),
+               "fw_form": ("delta", "factors")}
+    for key, allowed in choices.items():
+        value = getattr(cfg, key)
+        if value not in allowed:
+            raise ValueError(f"unknown {key} {value!r}: choose one of {', '.join(allowed)}")
     for key, (lo, hi, lo_in, hi_in) in RANGES.items():
         v = getattr(cfg, key)
-        if not ((lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)):  # NaN fails both
-            raise ValueError(f"--{key}={v} is out of range: it must be in {'[' if lo_in else '('}{lo:g}, "
-                             f"{hi:g}{']' if hi_in else ')'}")
+        above_lo = lo <= v if lo_in else lo < v
+        below_hi = v <= hi if hi_in else v < hi
+        if not (above_lo and below_hi):  # NaN fails both
+            interval = f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+            raise ValueError(f"--{key}={v} is out of range: it must be in {interval}")
     for key in ("ada_t_init", "ada_t_final"):  # -1 is the default; no other negative means anything
         if getattr(cfg, key) < -1:
             raise ValueError(f"--{key}={getattr(cfg, key)}: give steps >= 0, or -1 for the default")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device=cuda, but this torch ({torch.__version__}, CUDA build "
-                         f"{torch.version.cuda or 'none: a CPU-only build'}) sees no CUDA GPU: check the driver, "
-                         "CUDA_VISIBLE_DEVICES and the job's GPU request, or run with --device=cpu")
+        build = torch.version.cuda or "none: a CPU-only build"
+        raise ValueError(f"--device=cuda, but this torch ({torch.__version__}, CUDA build {build}) "
+                         "sees no CUDA GPU: check the driver, CUDA_VISIBLE_DEVICES and the job's "
+                         "GPU request, or run with --device=cpu")
 
 
 def resolve_device(name: str) -> torch.device:
-    """The run's device (check_config has refused cuda where there is none), printed with the reason."""
-    dev = torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    why = "asked for" if name != "auto" else "a CUDA GPU is available" if dev.type == "cuda" else "no CUDA GPU found"
+    """The run's device (check_config has refused cuda where there is none), printed with why."""
+    if name != "auto":
+        dev, why = torch.device(name), "asked for"
+    elif torch.cuda.is_available():
+        dev, why = torch.device("cuda"), "a CUDA GPU is available"
+    else:
+        dev, why = torch.device("cpu"), "no CUDA GPU found"
     print(f"device: {dev} ({why})")
     return dev
 
 
 def cpu_bf16() -> str:
-    """This CPU's native bf16 matmul units ("AMX-BF16", "AVX512-BF16", both) or "": Linux's /proc/cpuinfo flags
-    amx_bf16 and avx512_bf16, else torch's own CPU checks. (torch.backends.cpu.get_cpu_capability() says only
-    "AVX512", with or without bf16.)"""
+    """This CPU's native bf16 matmul units ("AMX-BF16", "AVX512-BF16", both) or "": Linux's
+    /proc/cpuinfo flags amx_bf16 and avx512_bf16, else torch's own CPU checks.
+    (torch.backends.cpu.get_cpu_capability() says only "AVX512", with or without bf16.)"""
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(f.read().split())
     except OSError:  # not Linux
-        checks = (("amx_bf16", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported"))
+        checks = (("amx_bf16", "_is_amx_tile_supported"),
+                  ("avx512_bf16", "_is_avx512_bf16_supported"))
         flags = {flag for flag, check in checks if getattr(torch.cpu, check, lambda: False)()}
     units = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))
     return " and ".join(name for flag, name in units if flag in flags)
 
 
 def resolve_precision(precision: str, device_type: str) -> tuple[str, str]:
-    """(bf16 | fp32, why). auto: bf16 wherever the hardware multiplies bf16 natively (CUDA; a CPU with AMX-BF16 or
-    AVX512-BF16), where every real model stepped faster under it; fp32 elsewhere, where bf16 would be emulated."""
+    """(bf16 | fp32, why). auto: bf16 wherever the hardware multiplies bf16 natively (CUDA; a CPU
+    with AMX-BF16 or AVX512-BF16), where every real model stepped faster under it; fp32 elsewhere,
+    where bf16 would be emulated."""
     if precision != "auto":
         return precision, "asked for"
     if device_type == "cuda":
@@ -156,8 +204,8 @@ def resolve_precision(precision: str, device_type: str) -> tuple[str, str]:
 
 
 def autocast_for(device: torch.device, precision: str):
-    """A context factory: bf16 autocast (the matmuls' inputs) or none, for a resolved precision. Master weights,
-    adapters, E and the methods' statistics stay fp32 either way."""
+    """A context factory: bf16 autocast (the matmuls' inputs) or none, for a resolved precision.
+    Master weights, adapters, E and the methods' statistics stay fp32 either way."""
     if precision == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext
@@ -173,32 +221,39 @@ class Method:
 
 
 def build_method(cfg: Config, model, total_steps: int, prepass=None) -> Method:
-    """Freeze the base, inject adapters, build the method's state: all like the model's weights (device, dtype).
-    prepass(rank, K) -> {matrix: F_m}: fwrank's Fisher pre-pass (prepare() runs it on the run's clock)."""
+    """Freeze the base, inject adapters, build the method's state: all like the model's weights
+    (device, dtype). prepass(rank, K) -> {matrix: F_m}: fwrank's Fisher pre-pass (prepare() runs
+    it on the run's clock)."""
     n_base, names = count_base_params(model), target_names(model)
     shapes = [tuple(model.get_submodule(n).weight.shape) for n in names]  # (d_out, d_in)
     r = rank_for_budget(cfg.budget, n_base, shapes)
-    info = {"n_base_params": n_base, "n_matrices": len(names), "rank": r, "target_budget_pct": cfg.budget}
-    K = warmup_length(cfg.fw_warmup_steps, cfg.fw_warmup_max_frac, total_steps)  # FW-LoRA's warm-up, fwrank's pre-pass
+    info = {"n_base_params": n_base, "n_matrices": len(names), "rank": r,
+            "target_budget_pct": cfg.budget}
+    # K steps: FW-LoRA's warm-up, fwrank's pre-pass
+    K = warmup_length(cfg.fw_warmup_steps, cfg.fw_warmup_max_frac, total_steps)
     ada = fw = None
     if cfg.method == "adalora":
         r0 = ada_initial_rank(r, cfg.ada_init_ratio)
-        if r0 > min(min(s) for s in shapes):  # an SVD triplet per unit of rank: at most the smallest side
-            raise ValueError(f"AdaLoRA's initial rank {r0} (--ada_init_ratio={cfg.ada_init_ratio:g} × rank {r}) "
-                             f"exceeds the smallest matrix side {min(min(s) for s in shapes)}: lower "
-                             "--ada_init_ratio or --budget")
-        t_init, t_final = [t if t >= 0 else round(frac * total_steps)  # -1: 10% and 40% of T
-                           for t, frac in ((cfg.ada_t_init, 0.1), (cfg.ada_t_final, 0.4))]
+        smallest = min(min(s) for s in shapes)
+        if r0 > smallest:  # an SVD triplet per unit of rank: at most the smallest side
+            raise ValueError(f"AdaLoRA's initial rank {r0} (--ada_init_ratio="
+                             f"{cfg.ada_init_ratio:g} × rank {r}) exceeds the smallest matrix "
+                             f"side {smallest}: lower --ada_init_ratio or --budget")
+        # -1: 10% and 40% of T
+        t_init = cfg.ada_t_init if cfg.ada_t_init >= 0 else round(0.1 * total_steps)
+        t_final = cfg.ada_t_final if cfg.ada_t_final >= 0 else round(0.4 * total_steps)
         check_schedule(total_steps, t_init, t_final, cfg.ada_delta_t)  # before touching the model
         layers = inject(model, lambda lin: AdaLoRALinear(lin, r0, cfg.lora_alpha, cfg.lora_dropout))
         ada = RankAllocator(list(layers.values()), b_target=r * len(names), total_steps=total_steps,
-                            t_init=t_init, t_final=t_final, delta_t=cfg.ada_delta_t, beta1=cfg.ada_beta1,
-                            beta2=cfg.ada_beta2)
-        info.update(ada_init_rank=r0, ada_target_total_rank=r * len(names), t_init=t_init, t_final=t_final)
+                            t_init=t_init, t_final=t_final, delta_t=cfg.ada_delta_t,
+                            beta1=cfg.ada_beta1, beta2=cfg.ada_beta2)
+        info.update(ada_init_rank=r0, ada_target_total_rank=r * len(names),
+                    t_init=t_init, t_final=t_final)
     elif cfg.method == "head":  # the floor: no adapters, the head trained as in every method
         layers = {}
     elif cfg.method in ("lora", "fwrank", *WEIGHTING):
-        # LoRA and the FW variants at rank r; fwrank at ranks r_m ∝ I_m with uniform LoRA's count (0: no adapter)
+        # LoRA and the FW variants at rank r; fwrank at ranks r_m ∝ I_m (0: no adapter) with
+        # uniform LoRA's adapter count
         ranks = dict.fromkeys(names, r)
         if cfg.method == "fwrank" and cfg.fw_rank_min > r:  # before the pre-pass: it cannot fit
             raise ValueError(f"--fw_rank_min={cfg.fw_rank_min} on all {len(names)} matrices is "
@@ -206,21 +261,30 @@ def build_method(cfg: Config, model, total_steps: int, prepass=None) -> Method:
                              "raise --budget")
         if cfg.method == "fwrank":
             F = torch.tensor(list(prepass(r, K).values()))
+            importance = F / F.sum()
             costs = [d_in + d_out for d_out, d_in in shapes]
-            ranks = dict(zip(names, allocate_ranks(F / F.sum(), costs, r * sum(costs), cfg.fw_rank_min,
-                                                  [min(s) for s in shapes])))
-            info.update(fw_prepass_steps=K, fwrank_ranks=ranks, fwrank_importance=dict(zip(names, (F / F.sum()).tolist())))
+            sides = [min(s) for s in shapes]
+            allocated = allocate_ranks(importance, costs, r * sum(costs), cfg.fw_rank_min, sides)
+            ranks = dict(zip(names, allocated))
+            info.update(fw_prepass_steps=K, fwrank_ranks=ranks,
+                        fwrank_importance=dict(zip(names, importance.tolist())))
         rank_of = {id(model.get_submodule(n)): k for n, k in ranks.items()}
-        layers = inject(model, lambda lin: LoRALinear(lin, rank_of[id(lin)], cfg.lora_alpha, cfg.lora_dropout),
-                        "|".join(re.escape(n) for n, k in ranks.items() if k > 0))
+
+        def lora_layer(lin):
+            return LoRALinear(lin, rank_of[id(lin)], cfg.lora_alpha, cfg.lora_dropout)
+        targets = "|".join(re.escape(n) for n, k in ranks.items() if k > 0)
+        layers = inject(model, lora_layer, targets)
     else:  # a method in record.NAMES without a branch here would otherwise train as something else
-        raise ValueError(f"build_method has no branch for method {cfg.method!r}: add one (README, Adding a method)")
+        raise ValueError(f"build_method has no branch for method {cfg.method!r}: add one "
+                         "(README, Adding a method)")
     if cfg.method in WEIGHTING:
-        fw = FWLoRA(list(layers.values()), warmup_steps=K, decay=cfg.fw_alpha, estimator=cfg.fw_estimator,
-                    n_probes=cfg.fw_probes, weighting=WEIGHTING[cfg.method], form=cfg.fw_form, seed=cfg.seed)
+        fw = FWLoRA(list(layers.values()), warmup_steps=K, decay=cfg.fw_alpha,
+                    estimator=cfg.fw_estimator, n_probes=cfg.fw_probes,
+                    weighting=WEIGHTING[cfg.method], form=cfg.fw_form, seed=cfg.seed)
         info["fw_warmup_steps"] = K
     freeze_base(model)
-    info["initial_adapter_params"] = adapter_params(list(layers.values()))  # AdaLoRA: before pruning
+    # at init (AdaLoRA: before pruning)
+    info["initial_adapter_params"] = adapter_params(list(layers.values()))
     return Method(layers, ada, fw, info)
 
 
@@ -239,29 +303,33 @@ class Run:
     T: int                        # optimiser steps in the run
     clock: Clock
     loss_sum: torch.Tensor        # this epoch's summed task loss, on the device (no sync per step)
-    bad_step: torch.Tensor        # first step (1-based) whose loss was NaN/inf; -1 if none; on the device
+    bad_step: torch.Tensor        # first step (1-based) whose loss was NaN/inf;
+                                  # -1 if none; on the device
     n_loss: int = 0
     steps: int = 0                # optimiser steps completed (run_epoch counts them)
-    penalty_log: list = field(default_factory=list)  # (step, task loss, added terms) at each readout
+    # (step, task loss, added terms) at each readout
+    penalty_log: list = field(default_factory=list)
 
     def epoch(self, epoch: int):
-        """Train mode (dropout on), then the epoch's batches, on the device, in the run's seeded order."""
+        """Train mode (dropout on), then the epoch's batches on the device, in seeded order."""
         self.model.train()
         self.loss_sum.zero_()
         self.n_loss = 0
-        for batch in self.train_b.epoch(self.cfg.seed * 1000 + epoch, self.cfg.group_by_length):
+        seed = self.cfg.seed * 1000 + epoch
+        for batch in self.train_b.batches(seed, self.cfg.group_by_length):
             yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
 
 def get_lr(step: int, cfg: Config, T: int) -> float:
-    """HF's linear schedule: warm up over ⌈warmup_ratio·T⌉ steps, then decay to 0; step counts from 0."""
+    """HF's linear schedule: warm up over ⌈warmup_ratio·T⌉ steps, then decay to 0.
+    `step` counts from 0."""
     warm = math.ceil(cfg.warmup_ratio * T)
     return cfg.lr * (step / warm if step < warm else max(0.0, (T - step) / max(1, T - warm)))
 
 
 def prepare(cfg: Config, data: tuple | None = None) -> Run:
     """Seed, model, data, adapters, optimiser: the same cfg gives the same run, in any process.
-    data: (train, dev) Batches to use instead of GLUE (tests, benchmarks); making them draws no global RNG."""
+    data: (train, dev) Batches instead of GLUE (tests, benchmarks); making them draws no global RNG."""
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg.model)
@@ -269,28 +337,33 @@ def prepare(cfg: Config, data: tuple | None = None) -> Run:
     if model.config.model_type in ("roberta", "mpnet"):  # their position ids start after the pad id
         positions -= model.config.pad_token_id + 1
     if cfg.max_length > positions:
-        raise ValueError(f"--max_length={cfg.max_length} exceeds {cfg.model}'s {positions} positions: use at most "
-                         f"{positions}")
+        raise ValueError(f"--max_length={cfg.max_length} exceeds {cfg.model}'s {positions} "
+                         f"positions: use at most {positions}")
     need = tok.num_special_tokens_to_add() + 1 if tok else 1  # tok None: a test's model, given data
     if cfg.max_length < need:  # below this the tokenizer silently stops truncating
         raise ValueError(f"--max_length={cfg.max_length} leaves no room for a word after "
                          f"{cfg.model}'s {need - 1} special tokens: use at least {need}")
-    train_b, dev_b = data or make_batches(cfg.task, cfg.glue_dir, tok, cfg.max_length, cfg.batch_size,
-                                          cfg.max_train, cfg.max_eval, cfg.seed, cfg.heldout)
+    train_b, dev_b = data or make_batches(cfg.task, cfg.glue_dir, tok, cfg.max_length,
+                                          cfg.batch_size, cfg.max_train, cfg.max_eval, cfg.seed,
+                                          cfg.heldout)
     T = cfg.epochs * len(train_b)
     model.to(device)  # first, so adapters and every piece of method state are born on the device
     precision, why = resolve_precision(cfg.precision, device.type)
     print(f"precision: {precision} ({why})")
     clock, autocast = Clock(device), autocast_for(device, precision)
 
-    def prepass(rank: int, K: int) -> dict:  # fwrank: the Fisher pre-pass over the first K training batches, timed
-        batches = itertools.islice(train_b.epoch(cfg.seed * 1000, cfg.group_by_length), K)
+    def prepass(rank: int, K: int) -> dict:
+        """fwrank: the Fisher pre-pass over the first K training batches, timed."""
+        batches = itertools.islice(train_b.batches(cfg.seed * 1000, cfg.group_by_length), K)
+        on_device = ({k: v.to(device) for k, v in b.items()} for b in batches)
         with clock("prepass"):
-            return fisher_prepass(model, rank, ({k: v.to(device) for k, v in b.items()} for b in batches), autocast,
-                                  decay=cfg.fw_alpha, estimator=cfg.fw_estimator, n_probes=cfg.fw_probes, seed=cfg.seed)
+            return fisher_prepass(model, rank, on_device, autocast, decay=cfg.fw_alpha,
+                                  estimator=cfg.fw_estimator, n_probes=cfg.fw_probes,
+                                  seed=cfg.seed)
     method = build_method(cfg, model, T, prepass)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda")
     method.info["n_trainable_params"] = sum(p.numel() for p in trainable)
     return Run(cfg, device, autocast, precision, model, train_b, dev_b, method, opt, T, clock,
                torch.zeros((), device=device), torch.full((), -1, device=device))
@@ -306,27 +379,32 @@ def train_step(run: Run, batch: dict, step: int):
         loss.backward()  # one backward per step, whatever the method
         loss = loss.detach()
         task_loss = loss
-        # The methods' terms on the adapter factors: their value added to the loss, their gradient to .grad by
-        # hand (a few batched kernels, equal to autograd's: tests), before clipping, as if in the backward.
+        # The methods' terms on the adapter factors: their value added to the loss, their gradient
+        # to .grad by hand (a few batched kernels, equal to autograd's: tests), before clipping, as
+        # if in the backward.
         if ada:  # AdaLoRA: + γ·R(P, Q), the orthogonality regulariser (eq. 4)
             with clock("orth"):
                 loss = loss + ada.add_orth_grad_(cfg.ada_gamma)
         if fw and not fw.in_warmup:  # FW-LoRA: + λ Σ_m (1 - I_m) ‖ΔW_m‖_F² (after warm-up)
             with clock("penalty"):
                 loss = loss + fw.add_penalty_grad_(cfg.fw_lambda)
-        if fw and fw.in_warmup:  # FW-LoRA warm-up: F_m <- αF_m + (1-α)‖∇W_m‖² from this backward's hooks
+        # FW-LoRA warm-up: F_m <- αF_m + (1-α)‖∇W_m‖² from this backward's hooks
+        if fw and fw.in_warmup:
             with clock("fisher"):
                 fw.fisher.update()
-        if cfg.max_grad_norm > 0:  # as the HF Trainer: AdaLoRA's sensitivities then use clipped gradients
-            torch.nn.utils.clip_grad_norm_(run.opt.param_groups[0]["params"], cfg.max_grad_norm, foreach=True)
+        # as the HF Trainer: AdaLoRA's sensitivities then use clipped gradients
+        if cfg.max_grad_norm > 0:
+            params = run.opt.param_groups[0]["params"]
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
         for group in run.opt.param_groups:
             group["lr"] = get_lr(step, cfg, run.T)
         run.opt.step()
-        if ada:  # AdaLoRA: importance EMAs and rank masking, after the optimiser step, before zero_grad
+        if ada:  # AdaLoRA: importance EMAs and rank masks, after the step, before zero_grad
             with clock("allocator"):
                 ada.update_and_mask(step)
         run.opt.zero_grad(set_to_none=True)
-        if fw and step + 1 == fw.warmup_steps:  # FW-LoRA: after K steps, fix I_m = F_m / Σ F, penalty on
+        # FW-LoRA: after K steps, fix I_m = F_m / Σ F, penalty on
+        if fw and step + 1 == fw.warmup_steps:
             check_finite(run, step, loss)  # a NaN loss in the warm-up named as such (one sync)
             fw.end_warmup()
     run.bad_step = torch.where((run.bad_step < 0) & ~torch.isfinite(loss), step + 1, run.bad_step)
@@ -347,12 +425,13 @@ def check_finite(run: Run, step: int = 0, loss: torch.Tensor | None = None) -> N
 
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
-    """Dev accuracy and MCC, and every dev example's prediction (in file order), batched by length."""
+    """Dev accuracy and MCC, and each dev example's prediction (file order), batched by length."""
     run.model.eval()
     preds = torch.empty(len(run.dev_b.labels), dtype=torch.long)
     for idx in run.dev_b.order(seed=None):
+        inputs = {k: v.to(run.device) for k, v in run.dev_b.collate(idx).items() if k != "labels"}
         with run.autocast():
-            logits = run.model(**{k: v.to(run.device) for k, v in run.dev_b.collate(idx).items() if k != "labels"}).logits
+            logits = run.model(**inputs).logits
         preds[idx] = logits.argmax(-1).cpu()
     return metrics(preds, run.dev_b.labels) | {"preds": preds.tolist()}
 
@@ -360,7 +439,8 @@ def evaluate(run: Run) -> dict:
 def run_epoch(run: Run, epoch: int) -> None:
     """One pass over the training set; run.steps counts the optimiser steps completed."""
     cfg, fw = run.cfg, run.method.fw
-    bar = tqdm(run.epoch(epoch), total=len(run.train_b), desc=f"epoch {epoch + 1}", leave=False, disable=None)
+    bar = tqdm(run.epoch(epoch), total=len(run.train_b), desc=f"epoch {epoch + 1}", leave=False,
+               disable=None)
     for batch in bar:  # (moved to the device outside the clock)
         loss, task_loss = train_step(run, batch, run.steps)
         run.steps += 1
@@ -375,8 +455,9 @@ def run_epoch(run: Run, epoch: int) -> None:
 
 
 def record_setup(run: Run, result: dict, glue: bool) -> None:
-    """Refuse a penalised run with no penalised step; put the budget, environment and data (the GLUE files
-    by digest: the sweep's resume compares them) in the result; say in one line what the run trains."""
+    """Refuse a penalised run with no penalised step; put the budget, environment and data (the
+    GLUE files by digest: the sweep's resume compares them) in the result; say in one line what
+    the run trains."""
     cfg, ada, fw, info = run.cfg, run.method.ada, run.method.fw, run.method.info
     if fw and fw.warmup_steps >= run.T:  # T = 1, or --fw_warmup_max_frac=1
         raise ValueError(f"--method={cfg.method}: its Fisher warm-up (K = {fw.warmup_steps}) "
@@ -384,28 +465,35 @@ def record_setup(run: Run, result: dict, glue: bool) -> None:
                          "give the run more steps (--epochs, --max_train) or a shorter warm-up "
                          "(--fw_warmup_steps)")
     data = provenance(cfg.task, cfg.glue_dir) if glue else {"source": "given"}
-    result.update(budget=info, environment=environment(run.device), data=data, precision=run.precision)
-    print(f"{cfg.task} {cfg.method} budget {cfg.budget}%: rank {info.get('ada_init_rank', info['rank'])} "
-          f"on {info['n_matrices']} matrices, {info['initial_adapter_params']:,} adapter params"
-          + (f" pruned to total rank {ada.b_target}" if ada else "") + f", {run.T} steps")
+    result.update(budget=info, environment=environment(run.device), data=data,
+                  precision=run.precision)
+    rank = info.get("ada_init_rank", info["rank"])
+    pruned = f" pruned to total rank {ada.b_target}" if ada else ""
+    print(f"{cfg.task} {cfg.method} budget {cfg.budget}%: rank {rank} on {info['n_matrices']} "
+          f"matrices, {info['initial_adapter_params']:,} adapter params{pruned}, {run.T} steps")
 
 
 def train(cfg: Config, data: tuple | None = None) -> dict:
-    """Train one (task, method, budget, seed); return the result dict that is also written as JSON."""
-    check_config(cfg)  # a rejected flag is not a run: no file (the sweep checks every run's flags up front)
+    """Train one (task, method, budget, seed); return the result dict, also written as JSON."""
+    # a rejected flag is not a run: no file (the sweep checks every run's flags up front)
+    check_config(cfg)
     paths = result_paths(cfg)
     result = {"config": dataclasses.asdict(cfg), "status": "running", "epochs": []}
     run = None
-    steps_done = lambda: run.steps if run else 0  # read when a failure is recorded: how far the run got
-    with failure_kept(result, paths, steps_done):  # any failure from here on leaves <name>.error.json
+
+    def steps_done() -> int:  # read when a failure is recorded: how far the run got
+        return run.steps if run else 0
+    # any failure from here on leaves <name>.error.json
+    with failure_kept(result, paths, steps_done):
         run = prepare(cfg, data)
         record_setup(run, result, glue=data is None)
         for epoch in range(cfg.epochs):
             run_epoch(run, epoch)
             dev, train_loss = evaluate(run), run.loss_sum.item() / run.n_loss
-            result["epochs"].append({"epoch": epoch + 1, "train_loss": train_loss, **dev, "steps": run.steps})
-            print(f"epoch {epoch + 1}: train loss {train_loss:.4f}  dev accuracy {dev['accuracy']:.4f}  "
-                  f"MCC {dev['mcc']:.4f}")
+            row = {"epoch": epoch + 1, "train_loss": train_loss, **dev, "steps": run.steps}
+            result["epochs"].append(row)
+            print(f"epoch {epoch + 1}: train loss {train_loss:.4f}  "
+                  f"dev accuracy {dev['accuracy']:.4f}  MCC {dev['mcc']:.4f}")
             write_json(paths["partial"], result)  # survives a crash: per-epoch metrics so far
         ada = run.method.ada
         if ada and ada.calls != run.steps:
@@ -414,11 +502,13 @@ def train(cfg: Config, data: tuple | None = None) -> dict:
 
 
 def evaluate_adapters(cfg: Config) -> dict:
-    """--eval_adapters=FOLDER: a saved peft folder's adapters and head on --model, scored on --task's
-    dev set (or --heldout); the folder must be saved for that model and task. Trains and writes nothing."""
+    """--eval_adapters=FOLDER: a saved peft folder's adapters and head on --model, scored on
+    --task's dev set (or --heldout); the folder must be saved for that model and task. Trains and
+    writes nothing."""
     check_config(cfg)
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)  # as prepare(): a random model (tiny-bert) is the run's with its seed
+    # as prepare(): a random model (tiny-bert) is the run's with its seed
+    torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg.model)
     expect = {"task": cfg.task, "model": cfg.model}
     if cfg.model in RANDOM_MODELS:
@@ -438,8 +528,8 @@ def evaluate_adapters(cfg: Config) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """train.py's command line (the sweep's workers call it too): a one-line error and exit 1 on bad input or a
-    failed run, 130 when stopped; the .error.json says how far it got."""
+    """train.py's command line (the sweep's workers call it too): a one-line error and exit 1 on bad
+    input or a failed run, 130 when stopped; the .error.json says how far it got."""
     plain_output()
     for sig in (signal.SIGTERM, signal.SIGHUP):  # the sweep stopping, a closed terminal: as Ctrl-C
         signal.signal(sig, signal.default_int_handler)

@@ -9,7 +9,9 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]  # the project's modules, and `from
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: real pretrained model or real data (runs in CI; skip with -m 'not slow')")
-    config.option.reportchars += "s"  # a skipped test says why in the summary (SLURM's, where it is missing)
+    slow = "slow: real pretrained model or real data (runs in CI; skip with -m 'not slow')"
+    config.addinivalue_line("markers", slow)
+    # a skipped test says why in the summary (SLURM's, where it is missing)
+    config.option.reportchars += "s"
     if os.environ.get("PYTEST_XDIST_WORKER"):  # `-n 2`: one worker per core, one thread each
         torch.set_num_threads(1)

@@ -63,12 +63,12 @@ def test_batches_pad_to_longest_and_seeded_order():
     sents = ["a", "bbbb", "cc", "ddddddd", "e"]
     b = Batches.tokenize(sents, [0, 1, 0, 1, 0], CharTokenizer(), max_length=5, batch_size=2, pad_id=0)
     assert len(b) == 3
-    batches = list(b.epoch(seed=None))  # evaluation order: by length (a, e, cc, bbbb, ddddd)
+    batches = list(b.batches(seed=None))  # evaluation order: by length (a, e, cc, bbbb, ddddd)
     assert [x["input_ids"].shape for x in batches] == [(2, 1), (2, 4), (1, 5)]  # 7 characters truncated to 5
     assert batches[1]["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     assert [x["labels"].tolist() for x in batches] == [[0, 0], [0, 1], [1]]
-    order = lambda seed: torch.cat([x["labels"] for x in b.epoch(seed)]).tolist() + \
-        [x["input_ids"].sum().item() for x in b.epoch(seed)]
+    order = lambda seed: torch.cat([x["labels"] for x in b.batches(seed)]).tolist() + \
+        [x["input_ids"].sum().item() for x in b.batches(seed)]
     assert order(3) == order(3) and order(3) != order(4)
 
 
