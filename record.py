@@ -1,11 +1,12 @@
-"""One run's record: its arguments (`--field=value`), its name and files, its metrics, its clock, the JSON it
-leaves, and reading that JSON back. train.py and bench.py write through it; sweep.py and report.py read through
-it. It imports no project module above data.py, lora.py, fisher.py and adapters.py.
+"""One run's record: its arguments (`--field=value`), its name and files, its metrics, its clock,
+the JSON it leaves, and reading that JSON back. train.py and bench.py write through it; sweep.py
+and report.py read through it. It imports no project module above data.py, lora.py, fisher.py and
+adapters.py.
 
-A finished run is `<out_dir>/<task>_<method>_b<budget>_s<seed>.json`; `.partial.json` holds the epochs so far,
-`.error.json` a failure; `--save_adapters=true` adds `.safetensors` and the `.peft/` folder
-(adapters.py). Every file is written atomically (a temp file, then a rename), so a crash or a full disk
-never leaves a half-written result, table, figure or adapter where a good one was.
+A finished run is `<out_dir>/<task>_<method>_b<budget>_s<seed>.json`; `.partial.json` holds the
+epochs so far, `.error.json` a failure; `--save_adapters=true` adds `.safetensors` and the `.peft/`
+folder (adapters.py). Every file is written atomically (a temp file, then a rename), so a crash or
+a full disk never leaves a half-written result, table, figure or adapter where a good one was.
 """
 import dataclasses
 import inspect
@@ -30,22 +31,25 @@ from fisher import LAMBDA, WEIGHTING
 from lora import DEFAULT_TARGETS, adapter_params
 
 NAMES = {"lora": "LoRA", "head": "head only (floor)", "adalora": "AdaLoRA", "fwlora": "FW-LoRA",
-         "l2lora": "uniform L2 (control)", "fwshuffle": "shuffled FW (control)", "fwmax": "max-normalised FW (control)",
-         "fwrank": "Fisher ranks (control)"}
-METHODS = tuple(NAMES)  # the one list of methods: train.py, the sweep and the tables take it from here
+         "l2lora": "uniform L2 (control)", "fwshuffle": "shuffled FW (control)",
+         "fwmax": "max-normalised FW (control)", "fwrank": "Fisher ranks (control)"}
+METHODS = tuple(NAMES)  # the one list of methods: train.py, the sweep and the tables read it
 SHORT = {m: name.split(" (")[0] for m, name in NAMES.items()}  # "uniform L2": pair names, legends
 # Config fields that cannot change a result: a finished run is reused whatever they were.
 IGNORED = ("out_dir", "log_every", "timing_skip", "save_adapters", "overwrite", "eval_adapters")
-# What report.py reads from a finished result: one schema, for the sweep's "done" and the report's reading alike.
-REQUIRED = ("config", "status", "metric", "final", "best", "epochs", "dev_labels", "budget", "environment")
+# What report.py reads from a finished result: one schema, for the sweep's "done" and the report.
+REQUIRED = ("config", "status", "metric", "final", "best", "epochs", "dev_labels", "budget",
+            "environment")
 CONFIG_KEYS = ("task", "method", "budget", "seed", "model")
 # A number in plain ASCII digits: int() and float() also take 1_0 and other scripts' digits (١٠).
 NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)", re.ASCII | re.I)
+BOOLS = {"true": True, "1": True, "false": False, "0": False}  # what a bool field takes
 
 
 def field_notes(cls) -> dict[str, str]:
-    """Each field's comment in the class's source, for --help: the `# ...` after the field, continued on the
-    comment-only lines indented under it (a section's own comment sits at the fields' indent and is not)."""
+    """Each field's comment in the class's source, for --help: the `# ...` after the field,
+    continued on the comment-only lines indented under it (a section's own comment sits at the
+    fields' indent and is not)."""
     notes, last = {}, None
     for line in inspect.getsource(cls).splitlines():
         field_line = re.match(r"\s+(\w+): [^#]*#\s*(.*)$", line)
@@ -111,7 +115,7 @@ def check_writable(folder: str) -> None:
 
 
 def parse_args(argv: list[str], cls, doc: str = ""):
-    """`--field=value` for any field of the dataclass `cls`, typed from its defaults; `--help` lists them."""
+    """`--field=value` for any field of dataclass `cls`, typed by its default; --help lists them."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if any(a in ("-h", "--help") for a in argv):
         print(doc)
@@ -123,14 +127,16 @@ def parse_args(argv: list[str], cls, doc: str = ""):
     for arg in argv:
         key, eq, val = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not eq or key not in fields:
-            raise SystemExit(f"bad argument {arg!r}: use --field=value with a {cls.__name__} field (see --help)")
+            raise SystemExit(f"bad argument {arg!r}: use --field=value with a {cls.__name__} field "
+                             "(see --help)")
         if key in kw:
-            raise SystemExit(f"--{key} is given twice ({kw[key]!r}, then {val!r}): give each field once")
+            raise SystemExit(f"--{key} is given twice ({kw[key]!r}, then {val!r}): "
+                             "give each field once")
         typ = type(fields[key].default)
         if typ in (int, float) and not NUMBER.fullmatch(val):
             raise SystemExit(f"--{key} takes a {typ.__name__} in plain ASCII digits, got {val!r}")
         try:
-            kw[key] = {"true": True, "1": True, "false": False, "0": False}[val.lower()] if typ is bool else typ(val)
+            kw[key] = BOOLS[val.lower()] if typ is bool else typ(val)
         except (KeyError, ValueError):
             raise SystemExit(f"--{key} takes a {typ.__name__}, got {val!r}") from None
     return cls(**kw)
@@ -145,8 +151,9 @@ def plain_output() -> None:
 
 
 def run_name(cfg) -> str:
-    """The one run-name formula (train.py's files, the sweep's resume, bench.py's output). A penalised method at
-    a λ other than the hypothesis's carries it (the dose-response); a tuning run (held-out train) its lr."""
+    """The one run-name formula (train.py's files, the sweep's resume, bench.py's output). A
+    penalised method at a λ other than the hypothesis's carries it (the dose-response); a tuning
+    run (held-out train) its lr."""
     lam = getattr(cfg, "fw_lambda", LAMBDA)
     return (f"{cfg.task}_{cfg.method}_b{cfg.budget:g}_s{cfg.seed}"
             + (f"_lam{lam:g}" if cfg.method in WEIGHTING and lam != LAMBDA else "")
@@ -154,8 +161,8 @@ def run_name(cfg) -> str:
 
 
 def score(preds: torch.Tensor, labels: torch.Tensor, metric: str) -> torch.Tensor:
-    """Accuracy or Matthews correlation over the last dimension (any leading batch dims, as the bootstrap's);
-    MCC is 0 when a class is never predicted, as scikit-learn gives."""
+    """Accuracy or Matthews correlation over the last dimension (any leading batch dims, as the
+    bootstrap's); MCC is 0 when a class is never predicted, as scikit-learn gives."""
     p, y = preds.long(), labels.long()
     tp, tn = ((p == 1) & (y == 1)).sum(-1).double(), ((p == 0) & (y == 0)).sum(-1).double()
     fp, fn = ((p == 1) & (y == 0)).sum(-1).double(), ((p == 0) & (y == 1)).sum(-1).double()
@@ -171,7 +178,7 @@ def metrics(preds: torch.Tensor, labels: torch.Tensor) -> dict:
 
 
 def result_paths(cfg) -> dict[str, str]:
-    """Where the run writes; fails before any work if out_dir is not writable or the run is already done."""
+    """Where the run writes; fails at once if out_dir is not writable or the run is already done."""
     stem = os.path.join(cfg.out_dir, run_name(cfg))
     paths = {k: stem + ext for k, ext in (("final", ".json"), ("partial", ".partial.json"),
                                           ("error", ".error.json"), ("adapters", ".safetensors"),
@@ -179,16 +186,18 @@ def result_paths(cfg) -> dict[str, str]:
     try:
         check_writable(cfg.out_dir)
     except OSError as e:
-        raise ValueError(f"--out_dir={cfg.out_dir} is not a writable folder ({e.strerror}): choose another") from None
+        raise ValueError(f"--out_dir={cfg.out_dir} is not a writable folder ({e.strerror}): "
+                         "choose another") from None
     if os.path.exists(paths["final"]) and not cfg.overwrite:
-        raise ValueError(f"{paths['final']} already holds a finished run: pass --overwrite=true to replace it, "
-                         f"or another --out_dir")
+        raise ValueError(f"{paths['final']} already holds a finished run: pass --overwrite=true to "
+                         "replace it, or another --out_dir")
     return paths
 
 
 def write_file(path: str, write, mode: str = "w") -> None:
-    """Atomic: `write(f)` into a temp file, then rename it over `path`. On failure (a full disk) the temp file is
-    removed, `path` keeps what it held, and the error names `path`. Text is UTF-8 in any locale."""
+    """Atomic: `write(f)` into a temp file, then rename it over `path`. On failure (a full disk) the
+    temp file is removed, `path` keeps what it held, and the error names `path`. Text is UTF-8 in
+    any locale."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp, encoding = f"{path}.tmp{os.getpid()}", None if "b" in mode else "utf-8"
     try:
@@ -204,16 +213,16 @@ def write_file(path: str, write, mode: str = "w") -> None:
 
 
 def write_folder(path: str, files: dict[str, bytes]) -> None:
-    """Atomic for a folder: every file (write_file) into a temp folder, then one rename onto `path`; a
-    folder already there is moved aside first and removed after. On failure the temp folder is removed,
-    `path` keeps what it held, and the error names `path`."""
+    """Atomic for a folder: every file (write_file) into a temp folder, then one rename onto
+    `path`; a folder already there is moved aside first and removed after. On failure the temp
+    folder is removed, `path` keeps what it held, and the error names `path`."""
     tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old{os.getpid()}"
     try:
         os.makedirs(tmp)
         for name, data in files.items():
             write_file(os.path.join(tmp, name), lambda f: f.write(data), "wb")
         os.chmod(tmp, 0o755)
-        if os.path.isdir(path):  # only with --overwrite (result_paths refuses a finished run otherwise)
+        if os.path.isdir(path):  # only with --overwrite (else result_paths refuses a finished run)
             os.replace(path, old)
         os.replace(tmp, path)
     except OSError as e:
@@ -231,45 +240,49 @@ def write_json(path: str, obj: dict) -> None:
 
 def environment(device: torch.device) -> dict:
     import transformers
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+                                cwd=here).stdout.strip() or None
     except OSError:
         commit = None
+    cpu_name = platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name
     return {"git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": str(device), "threads": torch.get_num_threads(),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-            or platform.machine(), "cpu_count": os.cpu_count()}
+            "transformers": transformers.__version__, "device": str(device),
+            "threads": torch.get_num_threads(), "device_name": name, "cpu_count": os.cpu_count()}
 
 
 @contextmanager
 def failure_kept(result: dict, paths: dict, steps_done):
-    """Around a run: any failure (Ctrl-C too) writes <name>.error.json with how far it got (steps_done(): the
-    steps completed), says where the finished epochs are, and propagates."""
+    """Around a run: any failure (Ctrl-C too) writes <name>.error.json with how far it got
+    (steps_done(): the steps completed), says where the finished epochs are, and propagates."""
     try:
         yield
     except (Exception, KeyboardInterrupt) as e:
         result.update(status="error", error=f"{type(e).__name__}: {e}", steps_done=steps_done())
         write_json(paths["error"], result)
         if result["epochs"]:
-            print(f"epochs 1-{len(result['epochs'])} are kept in {paths['partial']}", file=sys.stderr)
+            print(f"epochs 1-{len(result['epochs'])} are kept in {paths['partial']}",
+                  file=sys.stderr)
         raise
 
 
 def finish(run, result: dict, paths: dict, steps_done: int) -> dict:
-    """summarise() the finished run; on a full disk, say what was lost and leave a small .error.json if one
-    still fits."""
+    """summarise() the finished run; on a full disk, say what was lost and leave a small
+    .error.json if one still fits."""
     try:
         return summarise(run, result, paths)
     except FileExistsError:  # a finished run of this name appeared meanwhile: it stays (summarise)
         raise
     except OSError as e:
         last = result["epochs"][-1]
-        print(f"the finished run's result was lost ({e}); its last epoch: accuracy {last['accuracy']:.4f}, "
-              f"MCC {last['mcc']:.4f}", file=sys.stderr)
+        print(f"the finished run's result was lost ({e}); its last epoch: accuracy "
+              f"{last['accuracy']:.4f}, MCC {last['mcc']:.4f}", file=sys.stderr)
         epochs = [{k: v for k, v in ep.items() if k != "preds"} for ep in result["epochs"]]
-        small = {"config": result["config"], "status": "error", "error": f"could not write the result: {e}",
-                 "steps_done": steps_done, "epochs": epochs}
+        small = {"config": result["config"], "status": "error",
+                 "error": f"could not write the result: {e}", "steps_done": steps_done,
+                 "epochs": epochs}
         try:
             write_json(paths["error"], small)
         except OSError:
@@ -278,23 +291,28 @@ def finish(run, result: dict, paths: dict, steps_done: int) -> dict:
 
 
 def summarise(run, result: dict, paths: dict) -> dict:
-    """A finished train.Run's result: the final metric, achieved budget, timing, each method's diagnostics;
-    written to <name>.json (adapters to <name>.safetensors and <name>.peft/ if asked), stale partial
-    and error files removed."""
-    cfg, layers, ada, fw, info = run.cfg, run.method.layers, run.method.ada, run.method.fw, run.method.info
-    metric = TASKS[cfg.task][1]
+    """A finished train.Run's result: the final metric, achieved budget, timing, each method's
+    diagnostics; written to <name>.json (adapters to <name>.safetensors and <name>.peft/ if asked),
+    stale partial and error files removed."""
+    cfg, layers, info = run.cfg, run.method.layers, run.method.info
+    ada, fw = run.method.ada, run.method.fw
+    metric, epochs = TASKS[cfg.task][1], result["epochs"]
     n_adapter = adapter_params(list(layers.values()), ada.rank_pattern() if ada else None)
     all_ms = run.clock.ms["step"]
     ms = all_ms[cfg.timing_skip:] or all_ms
-    result.update(status="ok", metric=metric, final=result["epochs"][-1][metric],
-                  best=max(e[metric] for e in result["epochs"]), dev_labels=run.dev_b.labels.tolist())
-    result["budget"].update(adapter_params=n_adapter, adapter_pct=100 * n_adapter / info["n_base_params"])
+    result.update(status="ok", metric=metric, final=epochs[-1][metric],
+                  best=max(e[metric] for e in epochs), dev_labels=run.dev_b.labels.tolist())
+    pct = 100 * n_adapter / info["n_base_params"]
+    result["budget"].update(adapter_params=n_adapter, adapter_pct=pct)
     result["timing"] = {
-        "train_ms_total": train_ms(run.clock.totals()), "ms_per_step_median": float(torch.tensor(ms).median()),
-        "ms_per_step_mean": sum(ms) / len(ms), "examples_per_s": 1e3 * cfg.batch_size * len(ms) / sum(ms),
+        "train_ms_total": train_ms(run.clock.totals()),
+        "ms_per_step_median": float(torch.tensor(ms).median()),
+        "ms_per_step_mean": sum(ms) / len(ms),
+        "examples_per_s": 1e3 * cfg.batch_size * len(ms) / sum(ms),
         "buckets_ms_total": run.clock.totals(), "steps_timed": len(ms),
         "clock": "cuda events" if run.clock.cuda else "perf_counter (CPU ops are synchronous)"}
-    with torch.no_grad():  # every adapter method's ‖ΔW_m‖_F (AdaLoRA's with E): the dose-response's shrinkage
+    # every adapter method's ‖ΔW_m‖_F (AdaLoRA's with E): the dose-response's shrinkage
+    with torch.no_grad():
         result["delta_w_fro"] = {n: l.delta_weight().norm().item() for n, l in layers.items()}
     if fw:
         K, skip = fw.warmup_steps, cfg.timing_skip
@@ -304,19 +322,24 @@ def summarise(run, result: dict, paths: dict) -> dict:
         result["fw"] = fw.diagnostics(list(layers)) | {"penalty_log": run.penalty_log}
     if ada:
         result["adalora"] = {"rank_pattern": dict(zip(layers, ada.rank_pattern())),
-                             "total_rank": sum(ada.rank_pattern()), "target_total_rank": ada.b_target}
-    result["peak_memory_mb"] = (torch.cuda.max_memory_allocated(run.device) / 2**20 if run.device.type == "cuda"
-                                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    if os.path.exists(paths["final"]) and not cfg.overwrite:  # checked at the start too: another run of this
-        raise FileExistsError(f"{paths['final']} was written by another run while this one trained: kept that "
-                              f"one; this run's epochs are in {paths['partial']}")  # name may have finished since
+                             "total_rank": sum(ada.rank_pattern()),
+                             "target_total_rank": ada.b_target}
+    if run.device.type == "cuda":
+        result["peak_memory_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
+    else:
+        result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # checked at the start too: another run of this name may have finished since
+    if os.path.exists(paths["final"]) and not cfg.overwrite:
+        raise FileExistsError(f"{paths['final']} was written by another run while this one trained:"
+                              f" kept that one; this run's epochs are in {paths['partial']}")
     if cfg.save_adapters:
         save_adapters(run, result, paths)
     write_json(paths["final"], result)
     for stale in (paths["partial"], paths["error"]):
         if os.path.exists(stale):
             os.remove(stale)
-    print(f"{metric} {result['final']:.4f}; {result['timing']['ms_per_step_median']:.1f} ms/step; -> {paths['final']}")
+    median = result["timing"]["ms_per_step_median"]
+    print(f"{metric} {result['final']:.4f}; {median:.1f} ms/step; -> {paths['final']}")
     return result
 
 
@@ -348,8 +371,8 @@ def adapter_record(cfg, result: dict) -> dict:
 
 
 def save_adapters(run, result: dict, paths: dict) -> None:
-    """--save_adapters: `<name>.safetensors` (the project's file) and `<name>.peft/` (peft's
-    folder), each atomically; a method without adapters (head) gets the file and, said, no folder."""
+    """--save_adapters: `<name>.safetensors` (the project's format) and `<name>.peft/` (peft's),
+    each atomically; a method without adapters (head) gets the file and, said, no folder."""
     cfg, layers, ada = run.cfg, run.method.layers, run.method.ada
     meta = {"task": cfg.task, "method": cfg.method, "rank": run.method.info["rank"],
             "lora_alpha": cfg.lora_alpha, "targets": DEFAULT_TARGETS}
@@ -370,14 +393,14 @@ def save_adapters(run, result: dict, paths: dict) -> None:
 
 
 def train_ms(buckets_ms_total: dict) -> float:
-    """A run's training time: every step, plus the work outside steps that training needs (fwrank's pre-pass)."""
+    """Training time: the steps, plus what training needs outside them (fwrank's pre-pass)."""
     return buckets_ms_total["step"] + buckets_ms_total.get("prepass", 0.0)
 
 
 class Clock:
-    """Named timers: CUDA events on a GPU (no sync inside the loop), perf_counter on CPU (ops are synchronous).
-    cpu_time: the process's CPU time instead (bench.py --clock=cpu, one thread): on cores shared with other jobs it
-    leaves out the time they held the cores."""
+    """Named timers: CUDA events on a GPU (no sync inside the loop), perf_counter on a CPU, where
+    ops are synchronous. cpu_time: the process's CPU time instead (bench.py --clock=cpu, one
+    thread): on cores shared with other jobs it leaves out the time they held the cores."""
 
     def __init__(self, device: torch.device, cpu_time: bool = False):
         self.cuda = device.type == "cuda"
@@ -411,8 +434,8 @@ class Clock:
 
 
 def missing_field(r) -> str | None:
-    """The first thing a finished result lacks for the report (None: complete). The sweep's "done" and
-    report.py's reading share this one check."""
+    """The first thing a finished result lacks for the report (None: complete). The sweep's "done"
+    and report.py's reading share this one check."""
     if not isinstance(r, dict):
         return "a JSON object"
     for k in REQUIRED:
@@ -431,8 +454,8 @@ def missing_field(r) -> str | None:
 
 
 def precision_of(r: dict) -> str:
-    """A result's resolved precision, bf16 | fp32. A result from before it was recorded ran `auto` as bf16 on CUDA
-    and fp32 on a CPU (the committed MiniLM tables: fp32)."""
+    """A result's resolved precision, bf16 | fp32. A result from before it was recorded ran `auto`
+    as bf16 on CUDA and fp32 on a CPU (the committed MiniLM tables: fp32)."""
     if r.get("precision"):
         return r["precision"]
     asked = r["config"].get("precision", "auto")
@@ -442,14 +465,15 @@ def precision_of(r: dict) -> str:
 
 
 def read_result(path: str, warn: bool = True) -> dict | None:
-    """A run's result JSON (finished or failed), or None with a warning naming the file and what is wrong."""
+    """A run's result JSON (finished or failed), or None after a warning naming file and fault."""
     try:
         with open(path, encoding="utf-8") as f:
             r = json.load(f)
-        problem = None if isinstance(r, dict) and isinstance(r.get("config"), dict) and "status" in r else \
-            "not a run result"
-        if not problem and r["status"] == "ok" and missing_field(r):
-            problem = f"a finished result without {missing_field(r)} (an older version's, or edited)"
+        is_run = isinstance(r, dict) and isinstance(r.get("config"), dict) and "status" in r
+        problem = None if is_run else "not a run result"
+        lacks = missing_field(r) if is_run and r["status"] == "ok" else None
+        if lacks:
+            problem = f"a finished result without {lacks} (an older version's, or edited)"
     except (OSError, ValueError) as e:
         problem = f"unreadable ({type(e).__name__}: {e})"
     if problem:

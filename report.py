@@ -3,10 +3,10 @@
 
     python report.py results/cpu   # prints the table, then writes table.md and figure.png there
 
-Cells are the final epoch's dev metric (accuracy for SST-2, Matthews correlation for CoLA) as
-mean ± std over seeds with n; no epoch is picked on dev. Time is the training-step time (CUDA events
-or perf_counter, evaluation excluded) as a ratio to LoRA's, from whole runs trained side by side
-(bench.py runs). Seeds pool, and methods compare, only between runs alike in all else (check_comparable).
+Cells are the final epoch's dev metric (SST-2 accuracy, CoLA Matthews correlation) as mean ± std
+over seeds with n; no epoch is picked on dev. Time is the training-step time (CUDA events or
+perf_counter, evaluation excluded) as a ratio to LoRA's, from whole runs trained side by side
+(bench.py runs). Seeds pool, and methods compare, only between runs alike in all else.
 """
 import glob
 import json
@@ -23,17 +23,15 @@ from record import (METHODS, NAMES, SHORT, TIMING_PREFIX, differ, method_owns, r
                     resolved, run_name, timing_file, train_ms, write_file)
 from stats import delta_w_norm, paired_bootstrap, t_interval
 
-TASK_METRIC = {t: m for t, (_, m) in TASKS.items()}
-
 
 def name_of(r: dict) -> str:
     return run_name(SimpleNamespace(**r["config"]))
 
 
 def load(folder: str) -> tuple[list[dict], list[str]]:
-    """(finished runs, names of runs with no finished result): an .error.json counts where no finished
-    run has its name, of a method the sweep makes (a typo's rejected run is not the table's). A result
-    counts once, under its own name: a copy under another name is skipped."""
+    """(finished runs, names of runs with no finished result): an .error.json counts where no
+    finished run has its name, of a method the sweep makes (a typo's rejected run is not the
+    table's). A result counts once, under its own name: a copy under another name is skipped."""
     if not os.path.isdir(folder):
         sys.exit(f"error: {folder} is not a folder: give the sweep's OUT folder (e.g. results/cpu)")
     paths = sorted(glob.glob(os.path.join(glob.escape(folder), "*.json")))
@@ -55,8 +53,8 @@ def load(folder: str) -> tuple[list[dict], list[str]]:
 
 def check_comparable(runs: list[dict]) -> None:
     """Seeds pool (one method, one cell) only across runs that differ in the seed alone; methods
-    compare (one cell) only across runs that differ also in what a method owns (its lr and knobs). Any
-    other difference (model, precision, device, data, dev set, schedule) stops it, naming the fields."""
+    compare (one cell) only across runs that also differ in what a method owns (lr, knobs). Other
+    differences (model, precision, device, data, dev set, schedule) stop it, naming the fields."""
     pools, cells, clash, across = {}, {}, [], []
     show = lambda a, b, fields: ", ".join(f"{k} {a.get(k)!r} / {b.get(k)!r}" for k in fields[:6])
     for r in runs:
@@ -71,13 +69,13 @@ def check_comparable(runs: list[dict]) -> None:
         if diff and not across:
             across.append(f"{ref_name} and {name_of(r)} differ in {show(ref, c, diff)}")
     if clash:
-        sys.exit("error: runs of one method and cell differ in more than the seed, so they cannot be "
-                 "pooled:\n" + "\n".join(clash[:8]) + "\nKeep each configuration in its own folder "
-                 "(OUT=...).")
+        sys.exit("error: runs of one method and cell differ in more than the seed, so they cannot "
+                 "be pooled:\n" + "\n".join(clash[:8]) + "\nKeep each configuration in its own "
+                 "folder (OUT=...).")
     if across:
         sys.exit(f"error: {across[0]}: methods compare only on the same model, data, dev set, "
-                 "precision and schedule (each with its own lr and knobs); keep each configuration in "
-                 "its own folder (OUT=...)")
+                 "precision and schedule (each with its own lr and knobs); keep each "
+                 "configuration in its own folder (OUT=...)")
 
 
 def cell_name(task: str, budget: float) -> str:
@@ -109,8 +107,7 @@ COMPARISONS = [("lora", "head")] + [(m, "lora") for m in METHODS if m not in ("l
 
 
 def comparisons(cells: dict) -> dict:
-    """{(a, b): {cell: {"t": paired t over seeds, "boot": paired bootstrap}}} for the COMPARISONS (the
-    adapters' gain, each method against LoRA, FW-LoRA against the rest), over the seeds both have."""
+    """{(a, b): {cell: {"t": paired t over seeds, "boot": paired bootstrap}}}, over shared seeds."""
     out = defaultdict(dict)
     for cell, methods in cells.items():
         for a, b in COMPARISONS:
@@ -123,9 +120,9 @@ def comparisons(cells: dict) -> dict:
 
 
 def bench_ratios(folder: str, runs: list[dict]) -> dict:
-    """{task: {method: training time ratio to LoRA}} from the folder's side-by-side runs (bench.py runs),
-    by their buckets (train_ms: fwrank's pre-pass counts). A damaged file, or one that cannot stand
-    beside the table (timing_problem), is skipped, with a warning."""
+    """{task: {method: training time ratio to LoRA}} from the folder's side-by-side runs (bench.py
+    runs), by their buckets (train_ms: fwrank's pre-pass counts). A damaged file, or one that cannot
+    stand beside the table (timing_problem), is skipped, with a warning."""
     out, table = {}, {name_of(r): r for r in runs}
     for path in sorted(glob.glob(timing_file(glob.escape(folder), "*"))):
         try:
@@ -135,10 +132,12 @@ def bench_ratios(folder: str, runs: list[dict]) -> dict:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             problem = f"unreadable ({type(e).__name__}: {e})"
         if problem:
-            print(f"warning: {path}: {problem}; skipped (a sweep here times it again)", file=sys.stderr)
+            print(f"warning: {path}: {problem}; skipped (a sweep here times it again)",
+                  file=sys.stderr)
             continue
+        # a run's key is its method, then any fields of its own: "adalora:lr=…"
         ms = {m.split(":")[0]: train_ms(row["buckets_ms_total"]) for m, row in b["runs"].items()}
-        out[b["configs"]["lora"]["task"]] = {m: t / ms["lora"] for m, t in ms.items()}  # adalora:lr=…
+        out[b["configs"]["lora"]["task"]] = {m: t / ms["lora"] for m, t in ms.items()}
     return out
 
 
@@ -161,19 +160,20 @@ def timing_problem(b: dict, table: dict) -> str | None:
 
 
 def fmt_diff(d: float, lo: float, hi: float, n: int | None = None, pos: int | None = None) -> str:
-    """×100, bold when the interval excludes 0; with n: how many seeds' differences are positive."""
+    """×100, bold where the interval excludes 0; with n: how many seeds' differences are > 0."""
     bold = "**" if lo > 0 or hi < 0 else ""
     seeds = f" ({pos}/{n} > 0)" if n else ""
     return f"{bold}{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]{bold}{seeds}"
 
 
 def pair_name(a: str, b: str) -> str:
-    return "adapters' gain: LoRA − head" if (a, b) == ("lora", "head") else f"{SHORT[a]} − {SHORT[b]}"
+    floor = (a, b) == ("lora", "head")
+    return "adapters' gain: LoRA − head" if floor else f"{SHORT[a]} − {SHORT[b]}"
 
 
 def main_cell(rs: list[dict]) -> str:
-    """One method in one cell: mean ± std (n) of the final metric ×100, the best epoch's mean, and the
-    degenerate runs (final predictions of one class: CoLA's MCC 0 hides them)."""
+    """One method in one cell: mean ± std (n) of the final metric ×100, the best epoch's mean, and
+    the degenerate runs (final predictions of one class: CoLA's MCC 0 hides them)."""
     fin, best = [100 * r["final"] for r in rs], [100 * r["best"] for r in rs]
     sd = f" ± {statistics.stdev(fin):.1f}" if len(fin) > 1 else ""
     deg = sum(len(set(r["epochs"][-1]["preds"])) < 2 for r in rs)
@@ -181,13 +181,13 @@ def main_cell(rs: list[dict]) -> str:
         (f"; **{deg} degenerate**" if deg else "")
 
 
-INTRO = {"t": "Paired differences ×100 (a − b): the mean over seeds of the per-seed difference, its "
-              "95% paired t-interval over seeds (df = n − 1), and how many seeds' differences are "
-              "positive; **bold**: the interval excludes 0:",
-         "boot": "Secondary: the same differences with a 95% paired bootstrap interval over seeds × "
-                 "dev examples (2,000 draws). With few seeds it is too narrow: each seed resample is "
-                 "likely, so it covers about [min, max] of the per-seed differences. The verdict uses "
-                 "the t-intervals."}
+INTRO = {"t": "Paired differences ×100 (a − b): the mean over seeds of the per-seed "
+              "difference, its 95% paired t-interval over seeds (df = n − 1), and how many "
+              "seeds' differences are positive; **bold**: the interval excludes 0:",
+         "boot": "Secondary: the same differences with a 95% paired bootstrap interval over seeds "
+                 "× dev examples (2,000 draws). With few seeds it is too narrow: each seed "
+                 "resample is likely, so it covers about [min, max] of the per-seed differences. "
+                 "The verdict uses the t-intervals."}
 
 
 def tables(runs: list[dict], ratios: dict) -> tuple[str, dict]:
@@ -199,11 +199,11 @@ def tables(runs: list[dict], ratios: dict) -> tuple[str, dict]:
         return [[NAMES[m], *(f(list(c[m].values())) if c.get(m) else "-" for c in cells.values())]
                 for m in methods]
     out = ["Dev metric ×100 at the final epoch (the headline; no epoch is picked on dev): mean ± "
-           "std (n seeds), the best epoch's mean after it, and the runs that predict a single class "
-           "(degenerate):", "", *md_table(["method", *cols], per_method(main_cell))]
+           "std (n seeds), the best epoch's mean after it, and the runs that predict a single "
+           "class (degenerate):", "", *md_table(["method", *cols], per_method(main_cell))]
     lr = lambda c, m: "/".join(sorted({f"{r['config']['lr']:g}" for r in c.get(m, {}).values()}))
-    lrs = ", ".join(f"{SHORT[m]} {' / '.join(lr(c, m) or '-' for c in cells.values())}" for m in rows)
-    out += ["", f"Learning rates ({' / '.join(cols)}): {lrs}."]
+    lrs = [f"{SHORT[m]} {' / '.join(lr(c, m) or '-' for c in cells.values())}" for m in rows]
+    out += ["", f"Learning rates ({' / '.join(cols)}): {', '.join(lrs)}."]
     comp = comparisons(cells)
     for kind, intro in INTRO.items():
         diffs = [[pair_name(a, b), *(fmt_diff(*per[c][kind]) if c in per else "-" for c in cells)]
@@ -216,16 +216,15 @@ def tables(runs: list[dict], ratios: dict) -> tuple[str, dict]:
     spread = lambda rs: f"{min(r['fw']['weight_min'] for r in rs):.3f}–" \
                         f"{max(r['fw']['weight_max'] for r in rs):.3f}"
     if fw:
-        out += ["", "Penalty weights w_m (min–max over matrices and seeds; every variant has mean "
-                "1 − 1/M):", "", *md_table(["method", *cols], per_method(spread, fw))]
+        out += ["", "Penalty weights w_m (min–max over matrices and seeds; every variant has "
+                "mean 1 − 1/M):", "", *md_table(["method", *cols], per_method(spread, fw))]
     if ratios:
         timed = [m for m in METHODS if any(m in t for t in ratios.values())]
         ratio = lambda t, m: f"{t[m]:.3f}×" if m in t else "-"
+        times = [[NAMES[m], *(ratio(t, m) for t in ratios.values())] for m in timed]
         out += ["", "Training time as a ratio to LoRA, whole runs trained side by side in one "
                 "process (bench.py runs; the sweep's own per-run times share the CPU and are not "
-                "used):", "",
-                *md_table(["method", *ratios], [[NAMES[m], *(ratio(t, m) for t in ratios.values())]
-                                                for m in timed])]
+                "used):", "", *md_table(["method", *ratios], times)]
     return "\n".join(out), comp
 
 
@@ -256,17 +255,16 @@ def verdict(comp: dict, runs: list[dict], ratios: dict) -> str:
     lines = ["Verdict (written by report.py from the paired t-intervals above):", "",
              *(f"- {question} {answer(a, b)}" for question, a, b in QUESTIONS)]
     if ratios:
-        others = lambda t: ", ".join(f"{SHORT[m]} {v:.3f}" for m, v in t.items() if m != "lora") \
-            or "LoRA alone was timed"
-        lines.append("- Time, side by side (× LoRA): " + "; ".join(f"{task}: {others(t)}"
-                                                                    for task, t in ratios.items()))
+        others = lambda t: ", ".join(f"{SHORT[m]} {v:.3f}" for m, v in t.items() if m != "lora")
+        times = [f"{task}: {others(t) or 'LoRA alone was timed'}" for task, t in ratios.items()]
+        lines.append("- Time, side by side (× LoRA): " + "; ".join(times))
     caps = sorted({(r["config"]["task"], r["config"].get("max_train", 0)) for r in runs})
     capped = ", ".join(f"{t} capped at {k:,}" for t, k in caps if k)
-    lines += ["", f"What this can and cannot show: {n} seeds of `{c['model']}` "
-              f"({'training sets: ' + capped if capped else 'full training sets'}) on GLUE dev. An "
-              "interval that includes 0 means the difference is not resolved at this n, not that the "
-              "methods are equal; an interval that excludes 0 is evidence for this model, data size "
-              "and schedule only, not for roberta-base at the paper setting."]
+    sets = f"training sets: {capped}" if capped else "full training sets"
+    lines += ["", f"What this can and cannot show: {n} seeds of `{c['model']}` ({sets}) on GLUE "
+              "dev. An interval that includes 0 means the difference is not resolved at this n, "
+              "not that the methods are equal; an interval that excludes 0 is evidence for this "
+              "model, data size and schedule only, not for roberta-base at the paper setting."]
     return "\n".join(lines)
 
 
@@ -274,8 +272,8 @@ DOSE = ("fwlora", "l2lora", "fwmax")  # the hypothesis, its uniform and its shar
 
 
 def dose_cells(runs: list[dict]) -> dict:
-    """{(task, budget): {λ: {method: {seed: run}}}} of the DOSE methods, and LoRA's runs under λ = 0
-    (no penalty), where more than one λ was run."""
+    """{(task, budget): {λ: {method: {seed: run}}}} of the DOSE methods, and LoRA's runs under
+    λ = 0 (no penalty), where more than one λ was run."""
     cells = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     for r in runs:
         c = r["config"]
@@ -283,11 +281,11 @@ def dose_cells(runs: list[dict]) -> dict:
             lam = 0.0 if c["method"] == "lora" else c["fw_lambda"]
             cells[(c["task"], c["budget"])][lam][c["method"]][c["seed"]] = r
     ordered = sorted(cells.items(), key=lambda kv: cell_key(kv[0]))
-    return {k: dict(sorted(v.items())) for k, v in ordered if len([lam for lam in v if lam > 0]) > 1}
+    return {k: dict(sorted(v.items())) for k, v in ordered if sum(lam > 0 for lam in v) > 1}
 
 
 def spread_bound(fw: list[dict]) -> str:
-    """FW-LoRA's largest |w_m − w̄| over seeds and its bound: |w_m − w̄| = |I_m − 1/M| <= max I_m."""
+    """Largest |w_m − w̄| over seeds and its bound: |w_m − w̄| = |I_m − 1/M| <= max I_m."""
     if not fw:
         return "-"
     gap = lambda r, bar: max(r["fw"]["weight_max"] - bar, bar - r["fw"]["weight_min"])
@@ -297,12 +295,11 @@ def spread_bound(fw: list[dict]) -> str:
 
 def dose_row(lam: float, ms: dict, lora: dict) -> list[str]:
     """One λ of a dose cell: each DOSE method's metric, the paired FW − L2 and fwmax − L2
-    t-intervals, each one's ‖ΔW‖ against LoRA's of the same seed, FW-LoRA's spread and bound."""
+    t-intervals, each one's ‖ΔW‖ ÷ LoRA's on the same seed, FW-LoRA's spread and bound."""
     def metric(m):
         f = [100 * r["final"] for r in ms.get(m, {}).values()]
-        if len(f) > 1:
-            return f"{statistics.mean(f):.1f} ± {statistics.stdev(f):.1f} ({len(f)})"
-        return f"{f[0]:.1f} (1)" if f else "-"
+        sd = f" ± {statistics.stdev(f):.1f}" if len(f) > 1 else ""
+        return f"{statistics.mean(f):.1f}{sd} ({len(f)})" if f else "-"
 
     def paired(a, b):
         seeds = sorted(set(ms.get(a, {})) & set(ms.get(b, {})))
@@ -319,49 +316,50 @@ def dose_row(lam: float, ms: dict, lora: dict) -> list[str]:
 
 def dose_response(cells: dict) -> str:
     """Per cell, a dose_row per λ."""
-    out = ["## Dose-response in λ", "", "Dev metric ×100 (mean ± std, n seeds); ‖ΔW‖ as a fraction of "
-           "LoRA's on the same seed (mean; 1 = no shrinkage); paired differences ×100 with 95% "
-           "t-intervals over seeds (**bold**: excludes 0); FW-LoRA's largest |w_m − w̄| over seeds "
-           "against its bound, the largest I_m."]
+    out = ["## Dose-response in λ", "", "Dev metric ×100 (mean ± std, n seeds); ‖ΔW‖ as a "
+           "fraction of LoRA's on the same seed (mean; 1 = no shrinkage); paired differences "
+           "×100 with 95% t-intervals over seeds (**bold**: excludes 0); FW-LoRA's largest "
+           "|w_m − w̄| over seeds against its bound, the largest I_m."]
     cols = ["λ", *(SHORT[m] for m in DOSE), "FW − L2", "fwmax − L2",
             "‖ΔW‖ ÷ LoRA's (FW / L2 / fwmax)", "max\\|w − w̄\\| ≤ max I_m"]
     for (task, budget), by_lam in cells.items():
         lora = by_lam.get(0.0, {}).get("lora", {})
         mean = lambda: 100 * statistics.mean(r["final"] for r in lora.values())
-        title = f"**{cell_name(task, budget)}**" + (f" (LoRA: {mean():.1f}, n = {len(lora)})" if lora else "")
+        baseline = f" (LoRA: {mean():.1f}, n = {len(lora)})" if lora else ""
         rows = [dose_row(lam, ms, lora) for lam, ms in by_lam.items() if lam > 0]
-        out += ["", title, "", *md_table(cols, rows)]
+        out += ["", f"**{cell_name(task, budget)}**{baseline}", "", *md_table(cols, rows)]
     return "\n".join(out)
 
 
 def tuning(runs: list[dict]) -> str:
-    """The held-out-train tuning: per task, each method's held-out metric at each lr, the lr it gets."""
+    """The held-out-train tuning: per task, each method's held-out metric by lr, the lr it gets."""
     grid = defaultdict(lambda: defaultdict(dict))
     for r in runs:
         c = r["config"]
         grid[c["task"]][c["method"]][c["lr"]] = r
-    out = [f"## Learning-rate tuning on {runs[0]['config']['heldout']:,} held-out training examples "
-           "(dev unread)"]
+    out = [f"## Learning-rate tuning on {runs[0]['config']['heldout']:,} held-out training "
+           "examples (dev unread)"]
     for task, methods in sorted(grid.items(), key=lambda kv: cell_key((kv[0],))):
-        lrs = sorted({lr for m in methods.values() for lr in m})
-        seeds = "/".join(sorted({str(r["config"]["seed"]) for m in methods.values() for r in m.values()}))
+        task_runs = [r for by_lr in methods.values() for r in by_lr.values()]
+        lrs = sorted({r["config"]["lr"] for r in task_runs})
+        seeds = "/".join(sorted({str(r["config"]["seed"]) for r in task_runs}))
         rows = []
         for m, by_lr in methods.items():
             best = max(by_lr, key=lambda lr: by_lr[lr]["final"])
-            value = lambda lr: f"{100 * by_lr[lr]['final']:.1f}"
-            cell = lambda lr: "-" if lr not in by_lr else f"**{value(lr)}**" if lr == best else value(lr)
-            rows.append([NAMES[m], *map(cell, lrs), f"{best:g}"])
-        out += ["", f"**{task}** ({TASK_METRIC[task]} ×100 on the held-out slice, seed {seeds}):", "",
-                *md_table(["method", *(f"lr {lr:g}" for lr in lrs), "chosen"], rows)]
+            value = {lr: f"{100 * r['final']:.1f}" for lr, r in by_lr.items()}
+            value[best] = f"**{value[best]}**"
+            rows.append([NAMES[m], *(value.get(lr, "-") for lr in lrs), f"{best:g}"])
+        title = f"**{task}** ({TASKS[task][1]} ×100 on the held-out slice, seed {seeds}):"
+        out += ["", title, "", *md_table(["method", *(f"lr {lr:g}" for lr in lrs), "chosen"], rows)]
     return "\n".join(out)
 
 
 def main(folder: str) -> str:
-    """The report of a folder: printed, then written (table.md and the figures). A file that cannot be
-    written ends it with exit 1, after the table is printed."""
+    """The folder's report: printed, then written (table.md, figures; a failed write exits 1)."""
     all_runs, failed = load(folder)
+    listed = ", ".join(failed)
     if not all_runs:
-        sys.exit(f"no finished runs in {folder}" + (f" (failed: {', '.join(failed)})" if failed else ""))
+        sys.exit(f"no finished runs in {folder}" + (f" (failed: {listed})" if failed else ""))
     check_comparable(all_runs)
     held = [r for r in all_runs if r["config"].get("heldout", 0)]
     if held and len(held) < len(all_runs):
@@ -372,12 +370,13 @@ def main(folder: str) -> str:
     runs = [r for r in all_runs if at_lambda(r["config"])]
     dose = {} if held else dose_cells(all_runs)
     if not runs and not dose:
-        sys.exit(f"error: {folder} holds runs at one λ ≠ {LAMBDA:g} only: the main table needs runs at "
-                 f"the hypothesis's λ = {LAMBDA:g}, the dose-response two λ or more (run_all.sh dose)")
+        sys.exit(f"error: {folder} holds runs at one λ ≠ {LAMBDA:g} only: the main table needs "
+                 f"runs at the hypothesis's λ = {LAMBDA:g}, the dose-response two λ or more "
+                 "(run_all.sh dose)")
     c, env = (runs or all_runs)[0]["config"], (runs or all_runs)[0]["environment"]
     text = (f"# Results: {folder}\n\nModel `{c['model']}`, {len(all_runs)} finished runs, device "
-            f"{env.get('device', '?')} ({env.get('device_name', '?')}, {env.get('threads', '?')} threads "
-            f"per run), data: {data_source(all_runs)}.\n\n")
+            f"{env.get('device', '?')} ({env.get('device_name', '?')}, "
+            f"{env.get('threads', '?')} threads per run), data: {data_source(all_runs)}.\n\n")
     pngs = {}
     if held:
         text += tuning(held)
@@ -387,37 +386,38 @@ def main(folder: str) -> str:
         text += f"{table}\n\n" + verdict(comp, runs, ratios)
         pngs["figure.png"] = rank_figure(runs)
     else:
-        text += f"No run at λ = {LAMBDA:g} (the hypothesis's), so no main table: the dose-response alone."
+        text += (f"No run at λ = {LAMBDA:g} (the hypothesis's), so no main table: the "
+                 "dose-response alone.")
     if dose:
         text += "\n\n" + dose_response(dose) + "\n\n![metric and ‖ΔW‖ against λ](dose.png)"
         pngs["dose.png"] = dose_figure({cell_name(*k): v for k, v in dose.items()}, DOSE)
     if failed:
-        text += "\n\nRuns with no finished result (see their .error.json and .log): " + ", ".join(failed)
+        text += f"\n\nRuns with no finished result (see their .error.json and .log): {listed}"
     if pngs.get("figure.png"):
         text += "\n\n![AdaLoRA ranks, FW-LoRA importance and weights, fwrank ranks](figure.png)"
     print(text)
     try:  # after the print: a folder that cannot be written to still shows the table
         for name, fig in ((n, f) for n, f in pngs.items() if f):
             save_png(fig, os.path.join(folder, name))
-        write_file(os.path.join(folder, "table.md"), lambda f: f.write(text + "\n"))  # or the earlier one
+        write_file(os.path.join(folder, "table.md"), lambda f: f.write(text + "\n"))  # atomic
     except OSError as e:
         sys.exit(f"error: {e}: the table above is not saved")
     return text
 
 
 def data_source(runs: list[dict]) -> str:
-    """The table's one data source: the shipped GLUE copy, the hub, or a folder (mixing is refused)."""
+    """The runs' one data source: the shipped GLUE copy, the hub or a folder (a mix is refused)."""
     dirs = {r["config"].get("glue_dir", "") for r in runs}
     if len(dirs) > 1:
-        sys.exit(f"error: the runs read different data sources ({', '.join(sorted(map(repr, dirs)))}): "
-                 "a table comes from one source")
+        sys.exit("error: the runs read different data sources "
+                 f"({', '.join(sorted(map(repr, dirs)))}): a table comes from one source")
     d = dirs.pop()
-    hub = "GLUE from the hub (nyu-mll/glue)"
-    return "the GLUE copy shipped in glue/" if d == "" else hub if d == "hub" else d
+    names = {"": "the GLUE copy shipped in glue/", "hub": "GLUE from the hub (nyu-mll/glue)"}
+    return names.get(d, d)
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="backslashreplace")  # λ, ± in an ASCII locale: escaped, no traceback
+    sys.stdout.reconfigure(errors="backslashreplace")  # λ, ± in an ASCII locale: escaped
     try:
         if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):  # the usage
             print(__doc__)

@@ -1,6 +1,6 @@
-"""report.py's statistics on synthetic result files with known differences: the paired intervals exclude 0
-where the difference is large and include it where there is none; degenerate runs are counted; the verdict
-and tables are written from the numbers."""
+"""report.py's statistics on synthetic result files with known differences: the paired intervals
+exclude 0 where the difference is large and include it where there is none; degenerate runs are
+counted; the verdict and tables are written from the numbers."""
 import json
 import os
 import zlib
@@ -16,7 +16,8 @@ N = 900  # dev examples
 
 
 def fake_run(method, seed, p_correct, labels, task="sst2", budget=0.2, one_class=False):
-    g = torch.Generator().manual_seed(zlib.crc32(f"{method} {seed} {p_correct} {task}".encode()))  # not hash(): salted
+    key = f"{method} {seed} {p_correct} {task}".encode()
+    g = torch.Generator().manual_seed(zlib.crc32(key))  # not hash(): salted
     right = torch.rand(len(labels), generator=g) < p_correct
     preds = torch.where(right, labels, 1 - labels)
     if one_class:
@@ -25,9 +26,10 @@ def fake_run(method, seed, p_correct, labels, task="sst2", budget=0.2, one_class
     metric = "accuracy" if task == "sst2" else "mcc"
     config = {"task": task, "method": method, "budget": budget, "seed": seed, "model": "minilm",
               "max_train": 100, "lr": 2e-3, "fw_lambda": 1e-4}
-    return {"config": config, "status": "ok", "metric": metric, "final": m[metric], "best": m[metric],
-            "dev_labels": labels.tolist(), "epochs": [{"preds": preds.tolist(), **m}],
-            "budget": {"adapter_pct": 0.18}, "environment": {"device": "cpu", "device_name": "x", "threads": 1}}
+    return {"config": config, "status": "ok", "metric": metric, "final": m[metric],
+            "best": m[metric], "dev_labels": labels.tolist(),
+            "epochs": [{"preds": preds.tolist(), **m}], "budget": {"adapter_pct": 0.18},
+            "environment": {"device": "cpu", "device_name": "x", "threads": 1}}
 
 
 def timing_file(folder, buckets: dict, labels, name="bench_runs_sst2_lora-fwlora_b0.2_s0.json",
@@ -71,17 +73,19 @@ def test_report_tables_verdict_and_degenerate_runs(tmp_path):
     fw_vs_l2 = next(l for l in text.splitlines() if l.startswith("| FW-LoRA − uniform L2 |"))
     assert "**" not in fw_vs_l2  # includes 0
     assert "Does FW-LoRA beat LoRA? higher in 1, lower in 0, unresolved in 0 of 1 cells" in text
-    assert "Does FW-LoRA beat the uniform-L2 control (same penalty, equal weights)? higher in 0, lower in 0, " \
-           "unresolved in 1" in text
+    assert ("Does FW-LoRA beat the uniform-L2 control (same penalty, equal weights)? higher in 0, "
+            "lower in 0, unresolved in 1") in text
     assert "FW-LoRA 1.004" in text and "Fisher ranks 1.020" in text  # the pre-pass is training time
     assert "3 seeds of `minilm`" in text
-    assert "Does FW-LoRA beat the sharper, max-normalised weighting? not run" in text  # no fwmax runs here
-    assert text.count("not run") == 4  # head, AdaLoRA, fwmax, fwrank: every question asks a pair the table has
+    # no fwmax runs here
+    assert "Does FW-LoRA beat the sharper, max-normalised weighting? not run" in text
+    # head, AdaLoRA, fwmax, fwrank: every question asks a pair the table has
+    assert text.count("not run") == 4
     assert (tmp_path / "table.md").read_text().strip() == text.strip()
 
 
 def test_a_failed_write_names_the_path_and_keeps_the_earlier_file(tmp_path, monkeypatch):
-    """A full disk: the temp file goes, the error names the target, and the earlier table survives whole."""
+    """A full disk: the temp file goes, the error names the file, the earlier table stays whole."""
     import errno
     import os
     import pytest
@@ -98,14 +102,16 @@ def test_a_failed_write_names_the_path_and_keeps_the_earlier_file(tmp_path, monk
     assert oct(table.stat().st_mode & 0o777) == "0o644"
 
 
-def test_foreign_old_and_edited_results_are_skipped_by_name_and_configs_are_never_pooled(tmp_path, capsys):
-    """Bad cases 7-10: a foreign JSON, an older version's result (no preds) and an edited one (no epochs) are
-    each skipped with a warning naming the file and what it lacks; runs of one method and cell that differ in
-    anything but the seed are refused, naming the fields."""
+def test_foreign_old_and_edited_results_are_skipped_by_name_and_configs_are_never_pooled(
+        tmp_path, capsys):
+    """Bad cases 7-10: a foreign JSON, an older version's result (no preds) and an edited one (no
+    epochs) are each skipped with a warning naming the file and what it lacks; runs of one method
+    and cell that differ in anything but the seed are refused, naming the fields."""
     import pytest
     labels = torch.randint(0, 2, (N,), generator=torch.Generator().manual_seed(2))
     for r in [fake_run(m, s, 0.8, labels) for m in ("lora", "fwlora") for s in range(2)]:
-        (tmp_path / f"sst2_{r['config']['method']}_b0.2_s{r['config']['seed']}.json").write_text(json.dumps(r))
+        c = r["config"]
+        (tmp_path / f"sst2_{c['method']}_b0.2_s{c['seed']}.json").write_text(json.dumps(r))
     old, edited = fake_run("fwlora", 2, 0.8, labels), fake_run("lora", 2, 0.8, labels)
     del old["epochs"][0]["preds"], edited["epochs"]
     (tmp_path / "sst2_fwlora_b0.2_s2.json").write_text(json.dumps(old))
@@ -120,8 +126,9 @@ def test_foreign_old_and_edited_results_are_skipped_by_name_and_configs_are_neve
     other = fake_run("lora", 3, 0.8, labels)
     other["config"] |= {"lr": 1e-4, "max_train": 512}
     (tmp_path / "sst2_lora_b0.2_s3.json").write_text(json.dumps(other))
-    with pytest.raises(SystemExit, match=r"cannot be pooled:\n  sst2_lora_b0.2_s3 vs sst2_lora_b0.2_s0: lr 0.002 / "
-                                         r"0.0001, max_train 100 / 512"):
+    pooled = (r"cannot be pooled:\n  sst2_lora_b0.2_s3 vs sst2_lora_b0.2_s0: lr 0.002 / "
+              r"0.0001, max_train 100 / 512")
+    with pytest.raises(SystemExit, match=pooled):
         main(str(tmp_path))
 
 
@@ -169,12 +176,14 @@ def test_dose_response_and_tuning_tables(tmp_path):
     assert (tmp_path / "dose.png").stat().st_size > 0
     held = tmp_path / "tune"
     held.mkdir()
-    for m, lr, p in (("lora", 1e-3, 0.8), ("lora", 2e-3, 0.9), ("adalora", 1e-3, 0.7), ("adalora", 5e-3, 0.95)):
+    for m, lr, p in (("lora", 1e-3, 0.8), ("lora", 2e-3, 0.9),
+                     ("adalora", 1e-3, 0.7), ("adalora", 5e-3, 0.95)):
         r = fake_run(m, 0, p, labels)
         r["config"] |= {"lr": lr, "heldout": 500}
         (held / f"sst2_{m}_b0.2_s0_heldout500_lr{lr:g}.json").write_text(json.dumps(r))
     text = main(str(held))
-    assert "| LoRA | " in text and "| 0.002 |" in text and "| 0.005 |" in text  # the lr each method gets
+    # the lr each method gets
+    assert "| LoRA | " in text and "| 0.002 |" in text and "| 0.005 |" in text
 
 
 # Issue 31: results you can trust, third round.
@@ -208,10 +217,13 @@ def test_methods_compare_only_on_the_same_model_precision_and_data(tmp_path, cha
     labels, runs = two_methods(4, ("lora",))
     for s in range(2):
         r = fake_run("fwlora", s, 0.8, labels[:32] if "max_eval" in change else labels)
-        r["config"] |= {k: v for k, v in change.items() if k not in ("environment_precision", "data_files")}
+        config_change = {k: v for k, v in change.items()
+                         if k not in ("environment_precision", "data_files")}
+        r["config"] |= config_change
         if "data_files" in change:
             r["data"] = {"source": "shipped", "sha256": change["data_files"]}
-        r["precision"] = change.get("environment_precision")  # the resolved one, as train.py records it
+        # the resolved one, as train.py records it
+        r["precision"] = change.get("environment_precision")
         runs.append(r)
     write_runs(tmp_path, runs)
     with pytest.raises(SystemExit, match="methods compare only on the same model, data") as e:
@@ -230,8 +242,9 @@ def test_seeds_made_on_different_devices_are_not_pooled(tmp_path):
     _, runs = two_methods(5, ("lora",))
     runs[1]["environment"]["device"] = "cuda:0"
     write_runs(tmp_path, runs)
-    with pytest.raises(SystemExit, match=r"cannot be pooled:\n  sst2_lora_b0.2_s1 vs sst2_lora_b0.2_s0: "
-                                         r"device 'cpu' / 'cuda', precision 'fp32' / 'bf16'"):
+    pooled = (r"cannot be pooled:\n  sst2_lora_b0.2_s1 vs sst2_lora_b0.2_s0: "
+              r"device 'cpu' / 'cuda', precision 'fp32' / 'bf16'")
+    with pytest.raises(SystemExit, match=pooled):
         main(str(tmp_path))
 
 
@@ -251,8 +264,8 @@ def test_timing_files_that_cannot_stand_beside_the_table_are_skipped_by_name(tmp
     err = capsys.readouterr().err
     assert f"{tmp_path}/bench_runs_sst2_a.json: unreadable (JSONDecodeError" in err
     assert f"{tmp_path}/bench_runs_sst2_b.json: no LoRA run, which every time is a ratio to" in err
-    assert f"{tmp_path}/bench_runs_sst2_c.json: its lora run is not the table's sst2_lora_b0.2_s0: " \
-           "it differs in max_train" in err
+    assert (f"{tmp_path}/bench_runs_sst2_c.json: its lora run is not the table's "
+            "sst2_lora_b0.2_s0: it differs in max_train") in err
     assert f"{tmp_path}/bench_runs_sst2_d.json: its fwlora and lora runs differ in max_train" in err
     assert "Training time as a ratio" not in text and (tmp_path / "table.md").exists()
 
@@ -262,7 +275,8 @@ def test_a_folder_of_other_lambdas_only(tmp_path):
     one-line error saying what each table needs; two λ: the dose-response alone, saying why."""
     _, runs = two_methods(7, ("fwlora",))
     for r in runs:
-        r["config"]["fw_lambda"], r["delta_w_fro"], r["budget"]["n_matrices"] = 1e-3, {"m0": 1.0}, 36
+        r["config"]["fw_lambda"] = 1e-3
+        r["delta_w_fro"], r["budget"]["n_matrices"] = {"m0": 1.0}, 36
         r["fw"] = {"weight_min": 0.95, "weight_max": 0.99, "importance_max": 0.05}
     write_runs(tmp_path, runs)
     with pytest.raises(SystemExit, match="holds runs at one λ ≠ 0.0001 only: the main table needs"):

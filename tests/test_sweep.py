@@ -1,6 +1,6 @@
-"""sweep.py (through run_all.sh where processes matter, in-process elsewhere): resume, interrupts (Ctrl-C, SIGTERM,
-kill -9), failures and exit status, the lock, GPU slots, every refusal of bad input, and a
-resume that reuses only results of exactly the run it would make."""
+"""sweep.py (through run_all.sh where processes matter, in-process elsewhere): resume, interrupts
+(Ctrl-C, SIGTERM, kill -9), failures and exit status, the lock, GPU slots, every refusal of bad
+input, and a resume that reuses only results of exactly the run it would make."""
 import dataclasses
 import errno
 import json
@@ -18,17 +18,19 @@ import sweep
 from record import METHODS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = {"PROFILE": "smoke", "MODEL": "tiny-bert", "DEF_SEEDS": "0", "DEF_BUDGETS": "0.5", "DEF_TIMED": "",
-         "SST2_ARGS": "--max_train=128 --max_eval=64 --epochs=2 --lr=2e-3", "TASKS": "sst2", "METHODS": "lora"}
+SMOKE = {"PROFILE": "smoke", "MODEL": "tiny-bert", "DEF_SEEDS": "0", "DEF_BUDGETS": "0.5",
+         "DEF_TIMED": "", "SST2_ARGS": "--max_train=128 --max_eval=64 --epochs=2 --lr=2e-3",
+         "TASKS": "sst2", "METHODS": "lora"}
 LONG = "--epochs=20"  # a few seconds a run: long enough to be stopped while it runs
 
 
 def start(out, *overrides, methods="lora fwlora", env=None):
-    """`bash run_all.sh smoke` in a session of its own, so that its whole process group can be checked."""
+    """`bash run_all.sh smoke` in its own session, so its whole process group can be checked."""
     env = os.environ | {"TASKS": "sst2", "BUDGETS": "0.5", "METHODS": methods, "OUT": str(out),
                         "PYTHON": sys.executable} | (env or {})
-    return subprocess.Popen(["bash", "run_all.sh", "smoke", *overrides], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(["bash", "run_all.sh", "smoke", *overrides], cwd=ROOT, env=env,
+                            start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def wait_until(cond, p=None, timeout=120, what=""):
@@ -42,7 +44,8 @@ def group_alive(pgid: int) -> bool:
     """Whether a live process (not a zombie left for init to reap) remains in the process group."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+            # the fields after the command's name: state, ppid, pgrp, ...
+            stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
         except OSError:
             continue
         if int(stat[2]) == pgid and stat[0] != "Z":
@@ -61,44 +64,58 @@ def run_pid(log) -> int | None:
     return None
 
 
+def error_of(out, method: str) -> str:
+    """The error that the smoke profile's run of `method` recorded in its .error.json."""
+    return json.load(open(out / f"sst2_{method}_b0.5_s0.error.json"))["error"]
+
+
 def test_sigterm_stops_parallel_runs_and_resume_finishes_without_redoing(tmp_path):
     methods = ("lora", "fwlora", "adalora")
     p = start(tmp_path, LONG, methods=" ".join(methods), env={"JOBS": "2"})
     wait_until((tmp_path / "sst2_lora_b0.5_s0.json").exists, p)
-    log, res = (lambda m: tmp_path / f"sst2_{m}_b0.5_s0.log"), (lambda m: tmp_path / f"sst2_{m}_b0.5_s0.json")
-    training = lambda m: log(m).exists() and "device: cpu" in log(m).read_text()  # past its start: training
-    wait_until(lambda: all(training(m) or res(m).exists() for m in methods[1:]), p)  # so the stop is mid-run
+    log = lambda m: tmp_path / f"sst2_{m}_b0.5_s0.log"
+    res = lambda m: tmp_path / f"sst2_{m}_b0.5_s0.json"
+    training = lambda m: log(m).exists() and "device: cpu" in log(m).read_text()  # past its start
+    # every other run training (or done), so the stop comes mid-run
+    wait_until(lambda: all(training(m) or res(m).exists() for m in methods[1:]), p)
     os.kill(p.pid, signal.SIGTERM)  # the sweep alone: it must stop its runs too
     out = p.communicate(timeout=60)[0]
     assert p.returncode == 130 and "interrupted" in out, out
     assert "leaked" not in out, out  # bad case 9 (issue 31): no library warning
-    wait_until(lambda: not group_alive(p.pid), timeout=30, what="orphaned runs")  # no run outlives the sweep
-    done = {m: (tmp_path / f"sst2_{m}_b0.5_s0.json").stat().st_mtime_ns for m in methods
-            if (tmp_path / f"sst2_{m}_b0.5_s0.json").exists()}
-    assert "adalora" not in done and not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # no half-written file
+    # no run outlives the sweep
+    wait_until(lambda: not group_alive(p.pid), timeout=30, what="orphaned runs")
+    done = {m: res(m).stat().st_mtime_ns for m in methods if res(m).exists()}
+    # no half-written file
+    assert "adalora" not in done and not [f for f in os.listdir(tmp_path) if ".tmp" in f]
     log = (tmp_path / "sst2_lora_b0.5_s0.log").read_text()
-    assert "accuracy" in log and "\x1b[" not in log and "LOAD REPORT" not in log  # plain text, as it happened
+    # plain text, as it happened
+    assert "accuracy" in log and "\x1b[" not in log and "LOAD REPORT" not in log
     stopped = [m for m in methods if m not in done]
-    assert "adalora" in stopped  # every run not finished was training when the stop came, and says so
+    # every run not finished was training when the stop came, and says so
+    assert "adalora" in stopped
     for m in stopped:
-        assert json.load(open(tmp_path / f"sst2_{m}_b0.5_s0.error.json"))["error"].startswith("KeyboardInterrupt")
+        assert error_of(tmp_path, m).startswith("KeyboardInterrupt")
 
     p = start(tmp_path, LONG, "--overwrite=true", methods=" ".join(methods), env={"JOBS": "2"})
     out = p.communicate(timeout=180)[0]
     assert p.returncode == 0, out
-    assert all(f"skip sst2_{m}_b0.5_s0 (done); --overwrite=true does not redo a finished run" in out for m in done)
+    skip = "(done); --overwrite=true does not redo a finished run"
+    assert all(f"skip sst2_{m}_b0.5_s0 {skip}" in out for m in done)
     assert out.count(" started") == 3 - len(done)
-    assert f"[{3 - len(done)}/{3 - len(done)}]" in out and "min left" in out  # progress: k of N, time left
-    assert all((tmp_path / f"sst2_{m}_b0.5_s0.json").stat().st_mtime_ns == t for m, t in done.items())  # not redone
+    # progress: k of N, time left
+    assert f"[{3 - len(done)}/{3 - len(done)}]" in out and "min left" in out
+    assert all(res(m).stat().st_mtime_ns == t for m, t in done.items())  # not redone
     table = (tmp_path / "table.md").read_text()
-    assert "| LoRA |" in table and "| FW-LoRA |" in table and "| AdaLoRA |" in table and "SST-2 acc 0.5%" in table
-    assert "no finished result" not in table  # the interrupted run's .error.json went with its success
+    assert ("| LoRA |" in table and "| FW-LoRA |" in table and "| AdaLoRA |" in table
+            and "SST-2 acc 0.5%" in table)
+    # the interrupted run's .error.json went with its success
+    assert "no finished result" not in table
 
     import torch
     from record import parse_args
     from train import Config, train  # forked workers give the in-process results, bit for bit
-    spec = (f"--model=tiny-bert --max_train=128 --max_eval=64 {LONG} --lr=2e-3 --task=sst2 --budget=0.5 "
-            f"--out_dir={tmp_path / 'serial'} --method=fwlora")
+    spec = (f"--model=tiny-bert --max_train=128 --max_eval=64 {LONG} --lr=2e-3 --task=sst2 "
+            f"--budget=0.5 --out_dir={tmp_path / 'serial'} --method=fwlora")
     threads = torch.get_num_threads()
     torch.set_num_threads(local.slots({"JOBS": "2"}, on_gpu=False)[0].threads)  # a slot's threads
     try:
@@ -109,10 +126,13 @@ def test_sigterm_stops_parallel_runs_and_resume_finishes_without_redoing(tmp_pat
 
 
 def test_ctrl_c_stops_a_sweep_started_in_the_background(tmp_path):
-    """`bash run_all.sh &` inherits an ignored SIGINT; the sweep sets its own handler, so Ctrl-C still stops it."""
-    env = os.environ | {"TASKS": "sst2", "METHODS": "lora", "OUT": str(tmp_path), "PYTHON": sys.executable}
-    p = subprocess.Popen(["bash", "-c", 'trap "" INT; exec bash run_all.sh smoke --epochs=30'], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    """`bash run_all.sh &` inherits an ignored SIGINT; the sweep sets its own handler, so Ctrl-C
+    still stops it."""
+    env = os.environ | {"TASKS": "sst2", "METHODS": "lora", "OUT": str(tmp_path),
+                        "PYTHON": sys.executable}
+    background = 'trap "" INT; exec bash run_all.sh smoke --epochs=30'
+    p = subprocess.Popen(["bash", "-c", background], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     wait_until((tmp_path / "sst2_lora_b0.5_s0.log").exists, p)
     os.kill(p.pid, signal.SIGINT)
     out = p.communicate(timeout=60)[0]
@@ -126,17 +146,20 @@ def test_kill_9_of_a_run_or_of_the_sweep_loses_nothing_and_leaves_no_orphan(tmp_
     wait_until(lambda: run_pid(log) is not None, p)
     os.kill(run_pid(log), signal.SIGKILL)  # the run dies without a word; the sweep says it for it
     out = p.communicate(timeout=120)[0]
-    assert p.returncode == 1 and "sst2_lora_b0.5_s0 FAILED (exit -9)" in out, out  # failures exit non-zero
-    assert json.load(open(tmp_path / "sst2_lora_b0.5_s0.error.json"))["error"] == "killed by signal 9"
-    assert "no finished result" in out and "sst2_lora_b0.5_s0.error.json" in (tmp_path / "table.md").read_text()
+    # failures exit non-zero
+    assert p.returncode == 1 and "sst2_lora_b0.5_s0 FAILED (exit -9)" in out, out
+    assert error_of(tmp_path, "lora") == "killed by signal 9"
+    assert "no finished result" in out
+    assert "sst2_lora_b0.5_s0.error.json" in (tmp_path / "table.md").read_text()
 
     before = log.read_text().count("device: cpu")  # the killed attempt may have died before it
-    p = start(tmp_path, "--epochs=1000", methods="lora")  # far longer than the second it takes to stop it
+    # far longer than the second it takes to stop it
+    p = start(tmp_path, "--epochs=1000", methods="lora")
     wait_until(lambda: log.read_text().count("device: cpu") == before + 1, p)  # the second trains
     os.kill(p.pid, signal.SIGKILL)  # the sweep itself: its run must not run on alone
     p.communicate(timeout=30)
     wait_until(lambda: not group_alive(p.pid), timeout=30, what="orphaned runs")
-    assert json.load(open(tmp_path / "sst2_lora_b0.5_s0.error.json"))["error"].startswith("KeyboardInterrupt")
+    assert error_of(tmp_path, "lora").startswith("KeyboardInterrupt")
     held = sweep.lock(str(tmp_path))  # the kernel dropped the dead sweep's lock
     held.close()
 
@@ -145,7 +168,8 @@ def test_failed_runs_are_recorded_and_the_sweep_goes_on(tmp_path):
     tmp_path = tmp_path / "an OUT with spaces"  # bad case 3: quoted everywhere
     p = start(tmp_path, "--lr=1e30", "--max_grad_norm=0")  # every run's loss becomes NaN
     out = p.communicate(timeout=180)[0]
-    assert p.returncode == 1 and out.count("FAILED") == 2, out  # the first failure did not stop the sweep
+    # the first failure did not stop the sweep
+    assert p.returncode == 1 and out.count("FAILED") == 2, out
     for m in ("lora", "fwlora"):
         assert json.load(open(tmp_path / f"sst2_{m}_b0.5_s0.error.json"))["status"] == "error"
         assert not (tmp_path / f"sst2_{m}_b0.5_s0.json").exists()
@@ -178,13 +202,14 @@ def test_bad_sweep_input_is_refused_before_any_work(tmp_path, capsys, env, argv,
     assert os.listdir(tmp_path) == []  # nothing written
 
 
-@pytest.mark.parametrize("key, value", [("JOBS", "0"), ("JOBS", "-1"), ("JOBS", "abc"), ("RUNS_PER_GPU", "0"),
-                                        ("RUNS_PER_GPU", "two")])
+@pytest.mark.parametrize("key, value", [("JOBS", "0"), ("JOBS", "-1"), ("JOBS", "abc"),
+                                        ("RUNS_PER_GPU", "0"), ("RUNS_PER_GPU", "two")])
 def test_slot_counts_must_be_positive_integers(capsys, key, value):
     """Bad case 1: JOBS=0, -1, abc die with a message, not bash internals."""
     with pytest.raises(SystemExit) as e:
         local.slots({key: value}, on_gpu=key == "RUNS_PER_GPU")
-    assert e.value.code == 2 and f"{key} must be a positive whole number, got {value!r}" in capsys.readouterr().err
+    message = f"{key} must be a positive whole number, got {value!r}"
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_gpu_slots_map_through_the_inherited_device_list():
@@ -207,15 +232,17 @@ def test_read_only_out_is_named_as_such(tmp_path, monkeypatch, capsys):
     assert "is read-only or not writable here (Read-only file system)" in capsys.readouterr().err
 
 
-SPEC_OUT = "--model=tiny-bert --max_train=128 --max_eval=64 --epochs=2 --lr=2e-3 --task=sst2 --method=lora"
+SPEC_OUT = ("--model=tiny-bert --max_train=128 --max_eval=64 --epochs=2 --lr=2e-3 --task=sst2 "
+            "--method=lora")
 
 
 def finished(out, **changes):
-    """A complete finished result of the smoke profile's LoRA run, as train.py writes it, with `changes`."""
+    """The smoke profile's LoRA run as a complete finished result (train.py's), plus `changes`."""
     from data import provenance
     from record import parse_args
     from train import Config
-    cfg = dataclasses.asdict(parse_args(f"{SPEC_OUT} --budget=0.5 --seed=0 --out_dir={out}".split(), Config))
+    argv = f"{SPEC_OUT} --budget=0.5 --seed=0 --out_dir={out}".split()
+    cfg = dataclasses.asdict(parse_args(argv, Config))
     r = {"config": cfg | changes, "status": "ok", "metric": "accuracy", "final": 0.5, "best": 0.5,
          "epochs": [{"preds": [0, 1]}], "dev_labels": [0, 1], "budget": {"adapter_pct": 0.5},
          "environment": {"device": "cpu"}, "data": provenance("sst2"),
@@ -242,10 +269,13 @@ def test_plan_reuses_only_the_same_run_and_moves_corrupt_results_aside(tmp_path,
     with pytest.raises(SystemExit):
         sweep.plan(settings(tmp_path))  # made on a GPU: not this run on a CPU
     assert "device cuda -> cpu" in capsys.readouterr().err
-    for broken in ('{"config": {"task"', json.dumps({k: v for k, v in finished(tmp_path).items() if k != "epochs"})):
-        (tmp_path / "sst2_lora_b0.5_s0.json").write_text(broken)  # truncated; a finished result without epochs
+    no_epochs = {k: v for k, v in finished(tmp_path).items() if k != "epochs"}
+    # truncated; a finished result without epochs
+    for broken in ('{"config": {"task"', json.dumps(no_epochs)):
+        (tmp_path / "sst2_lora_b0.5_s0.json").write_text(broken)
         assert [x[:2] for x in sweep.plan(settings(tmp_path))] == [("todo", "sst2_lora_b0.5_s0")]
-        assert (tmp_path / "sst2_lora_b0.5_s0.corrupt").exists() and not (tmp_path / "sst2_lora_b0.5_s0.json").exists()
+        assert (tmp_path / "sst2_lora_b0.5_s0.corrupt").exists()
+        assert not (tmp_path / "sst2_lora_b0.5_s0.json").exists()
     s = settings(tmp_path / "new", "--glue_dir=/nonexistent")
     with pytest.raises(SystemExit):
         sweep.preflight(s, sweep.plan(s))  # data checked once, up front
@@ -283,17 +313,22 @@ def test_a_giant_field_stops_the_preflight_with_exit_2(tmp_path, capsys):
     assert e.value.code == 2 and "train.tsv line 2: field larger than field limit" in err
 
 
-def test_resume_refuses_to_mix_precisions_and_reads_old_results_as_fp32_on_a_cpu(tmp_path, monkeypatch, capsys):
-    """auto is bf16 on a CPU with AMX/AVX512-BF16 now; a result without a recorded precision (the committed MiniLM
-    tables) ran auto as fp32 on a CPU. The resolved precisions are compared, not the flags."""
-    monkeypatch.setattr(sweep, "resolve_precision", lambda p, d: (p if p != "auto" else "bf16", "a bf16 CPU"))
+def test_resume_refuses_to_mix_precisions_and_reads_old_results_as_fp32_on_a_cpu(
+        tmp_path, monkeypatch, capsys):
+    """auto is bf16 on a CPU with AMX/AVX512-BF16 now; a result without a recorded precision (the
+    committed MiniLM tables) ran auto as fp32 on a CPU. The resolved precisions are compared, not
+    the flags."""
+    bf16_cpu = lambda p, d: (p if p != "auto" else "bf16", "a bf16 CPU")
+    monkeypatch.setattr(sweep, "resolve_precision", bf16_cpu)
     r = finished(tmp_path)
-    del r["precision"]  # as written before precision was recorded: config precision auto, made on a CPU
+    # as written before precision was recorded: config precision auto, made on a CPU
+    del r["precision"]
     (tmp_path / "sst2_lora_b0.5_s0.json").write_text(json.dumps(r))
     with pytest.raises(SystemExit):
         sweep.plan(settings(tmp_path))
     assert "precision fp32 -> bf16 (--precision=fp32 continues it)" in capsys.readouterr().err
-    assert [x[:2] for x in sweep.plan(settings(tmp_path, "--precision=fp32"))] == [("done", "sst2_lora_b0.5_s0")]
+    plan = sweep.plan(settings(tmp_path, "--precision=fp32"))
+    assert [x[:2] for x in plan] == [("done", "sst2_lora_b0.5_s0")]
     (tmp_path / "sst2_lora_b0.5_s0.json").write_text(json.dumps(r | {"precision": "bf16"}))
     assert [x[:2] for x in sweep.plan(settings(tmp_path))] == [("done", "sst2_lora_b0.5_s0")]
     with pytest.raises(SystemExit):
@@ -326,16 +361,22 @@ def test_timing_rotates_the_method_order(tmp_path):
 
 
 def test_lambda_and_lr_axes_and_a_methods_own_values(tmp_path, capsys):
-    """LAMBDAS sweeps the penalised methods only (names carry λ), LRS every method (tuning names carry the lr),
-    <TASK>_<METHOD>_ARGS gives one method its own lr, in its runs and in the side-by-side timing."""
+    """LAMBDAS sweeps the penalised methods only (names carry λ), LRS every method (tuning names
+    carry the lr), <TASK>_<METHOD>_ARGS gives one method its own lr, in its runs and in the
+    side-by-side timing."""
     s = settings(tmp_path, METHODS="lora fwlora", LAMBDAS="1e-3 1e-2")
-    assert [n for n, _ in s.runs] == ["sst2_lora_b0.5_s0", "sst2_fwlora_b0.5_s0_lam0.001", "sst2_fwlora_b0.5_s0_lam0.01"]
+    assert [n for n, _ in s.runs] == ["sst2_lora_b0.5_s0", "sst2_fwlora_b0.5_s0_lam0.001",
+                                      "sst2_fwlora_b0.5_s0_lam0.01"]
     s = settings(tmp_path, "--heldout=32", METHODS="lora", LRS="1e-3 5e-3")
-    assert [n for n, _ in s.runs] == ["sst2_lora_b0.5_s0_heldout32_lr0.001", "sst2_lora_b0.5_s0_heldout32_lr0.005"]
-    s = settings(tmp_path, METHODS="lora adalora", TIMED="lora,adalora", SST2_ADALORA_ARGS="--lr=5e-3")
-    assert "--lr=5e-3" in dict(s.runs)["sst2_adalora_b0.5_s0"] and "--lr=2e-3" in dict(s.runs)["sst2_lora_b0.5_s0"]
+    assert [n for n, _ in s.runs] == ["sst2_lora_b0.5_s0_heldout32_lr0.001",
+                                      "sst2_lora_b0.5_s0_heldout32_lr0.005"]
+    s = settings(tmp_path, METHODS="lora adalora", TIMED="lora,adalora",
+                 SST2_ADALORA_ARGS="--lr=5e-3")
+    runs = dict(s.runs)
+    assert "--lr=5e-3" in runs["sst2_adalora_b0.5_s0"] and "--lr=2e-3" in runs["sst2_lora_b0.5_s0"]
     assert sweep.timing(s)[0][1][1] == "--methods=lora,adalora:lr=5e-3"
-    s = settings(tmp_path, "--lr=1e-3", METHODS="adalora", SST2_ADALORA_ARGS="--lr=5e-3")  # the user's flag wins
+    # the user's flag wins
+    s = settings(tmp_path, "--lr=1e-3", METHODS="adalora", SST2_ADALORA_ARGS="--lr=5e-3")
     assert "--lr=5e-3" not in dict(s.runs)["sst2_adalora_b0.5_s0"]
     with pytest.raises(SystemExit):
         settings(tmp_path, "--lr=1e-3", LRS="1e-3 5e-3")
@@ -457,10 +498,10 @@ def test_runs_keep_tqdm_off_multiprocessing_locks(monkeypatch):
 
 
 def test_the_time_left_weighs_runs_by_their_steps():
-    """Bad case 10 (issue 31): steps = epochs × ⌈train size / batch⌉; the time left is the finished
-    runs' seconds per step times the steps to go, over the slots. By hand: 10 s for 100 steps is
-    0.1 s a step; two waiting runs of 300 steps and one running for 5 s (50 of its 200 steps) leave
-    750 steps: 37.5 s on 2 slots."""
+    """Bad case 10 (issue 31): steps = epochs × ⌈train size / batch⌉; the time left is the
+    finished runs' seconds per step times the steps to go, over the slots. By hand: 10 s for 100
+    steps is 0.1 s a step; two waiting runs of 300 steps and one running for 5 s (50 of its 200
+    steps) leave 750 steps: 37.5 s on 2 slots."""
     from types import SimpleNamespace as C
     steps = lambda n, **kw: sweep.run_steps(C(**(dict(epochs=2, batch_size=32, heldout=0) | kw)), n)
     assert steps(67349, max_train=128) == 8  # the smoke profile's SST-2 run
