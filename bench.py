@@ -162,10 +162,12 @@ def steps(b: Config, n_steps: int = 30, skip: int = 6, data: tuple | None = None
     for v, r in runs.items():
         ms = r.clock.ms["step"]
         table[v] = {"ms_per_step_median": float(torch.tensor(ms[skip:]).median()),
+                    "ms_per_step_mean": sum(ms[skip:]) / len(ms[skip:]),  # what a whole run's time follows
                     "gflop_per_s": sum(flops[skip:]) / sum(ms[skip:]) / 1e6,
                     "buckets_ms_per_step": {k: round(sum(t) / n_steps, 3) for k, t in r.clock.ms.items()
                                             if k != "step"}}
         table[v]["ratio"] = table[v]["ms_per_step_median"] / table["lora"]["ms_per_step_median"]
+        table[v]["mean_ratio"] = table[v]["ms_per_step_mean"] / table["lora"]["ms_per_step_mean"]
         if r.device.type == "cuda":  # memory one more step needs above what is resident (every run's model and state)
             torch.cuda.reset_peak_memory_stats(r.device)
             resident = torch.cuda.memory_allocated(r.device)
@@ -176,7 +178,7 @@ def steps(b: Config, n_steps: int = 30, skip: int = 6, data: tuple | None = None
     env = environment(lora.device)
     show(f"{b.model} ({lora.precision}), budget {b.budget}%, {env['device_name']}, median of {n_steps - skip} "
          f"steps; 2048² matmul here: {peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} bf16", table,
-         ("ms_per_step_median", "ratio", "gflop_per_s", "step_peak_mb", "buckets_ms_per_step"))
+         ("ms_per_step_median", "ratio", "mean_ratio", "gflop_per_s", "step_peak_mb", "buckets_ms_per_step"))
     floor = gemm_floor(lora, batches, torch.bfloat16 if lora.precision == "bf16" else torch.float32, cpu_time)
     ops_ms = top_ops(lora, batches[0], n_steps)
     step_ms, rate, p = table["lora"]["ms_per_step_median"], table["lora"]["gflop_per_s"], lora.precision
