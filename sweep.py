@@ -28,7 +28,7 @@ from lora import count_base_params, rank_for_budget, target_names
 from fisher import WEIGHTING
 from record import (IGNORED, METHODS, check_writable, differ, parse_args, precision_of, read_result,
                     resolved, run_name, timing_file, write_file)
-from train import Config, check_config, resolve_precision
+from config import Config, check_config, resolve_precision
 
 SWEEP_SETS = {"task": "TASKS", "method": "METHODS", "budget": "BUDGETS", "seed": "SEEDS", "out_dir": "OUT"}
 

@@ -191,7 +191,7 @@ def test_method_state_follows_the_device_move(tmp_path, monkeypatch, method):
 
 
 def test_auto_precision_is_bf16_where_the_hardware_has_it_and_the_result_records_it(tmp_path, monkeypatch, capsys):
-    import train as train_module
+    import config as train_module  # where the precision is resolved
     assert train_module.resolve_precision("auto", "cuda") == ("bf16", "auto: CUDA")
     assert train_module.resolve_precision("fp32", "cuda") == ("fp32", "asked for")
     monkeypatch.setattr(train_module, "cpu_bf16", lambda: "")
@@ -398,8 +398,9 @@ def test_a_finished_run_written_meanwhile_is_kept(tmp_path, monkeypatch):
 def test_a_method_without_a_build_branch_is_an_error(tmp_path, monkeypatch):
     """A fork that adds a name to the method list but no branch in build_method gets an error naming it, not a
     run of plain LoRA under the new name."""
+    import config
     import train
-    monkeypatch.setattr(train, "METHODS", train.METHODS + ("mymethod",))
+    monkeypatch.setattr(config, "METHODS", config.METHODS + ("mymethod",))
     with pytest.raises(ValueError, match="build_method has no branch for method 'mymethod'"):
         train.train(tiny(tmp_path, method="mymethod"), toy_data())
 
