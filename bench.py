@@ -157,7 +157,7 @@ def steps(b: Config, n_steps: int = 30, skip: int = 6, data: tuple | None = None
     runs = interleave({v: dataclasses.replace(b, epochs=1, **VARIANTS[v]) for v in variants}, data, n_steps,
                       cpu_time=cpu_time)
     lora, table = runs["lora"], {}
-    batches = list(itertools.islice(lora.train_b.epoch(b.seed * 1000, b.group_by_length), n_steps))  # all runs'
+    batches = list(itertools.islice(lora.train_b.batches(b.seed * 1000, b.group_by_length), n_steps))  # all runs'
     flops = [step_flops(lora, x) for x in batches]
     for v, r in runs.items():
         ms = r.clock.ms["step"]

@@ -156,7 +156,8 @@ def get_lr(step: int, cfg: Config, T: int) -> float:
 
 def prepare(cfg: Config, data: tuple | None = None) -> Run:
     """Seed, model, data, adapters, optimiser: the same cfg gives the same run, in any process.
-    data: (train, dev) Batches instead of GLUE (tests, benchmarks); making them draws no global RNG."""
+    data: (train, dev) Batches to use instead of GLUE (tests, benchmarks); making them draws
+    no global RNG."""
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg.model)

@@ -1,4 +1,5 @@
-"""AdaLoRA: init, the budget schedule, masking, the importance EMAs, orthogonality, the error guard."""
+"""AdaLoRA: init, the budget schedule, masking, the importance EMAs, orthogonality, the error
+guard."""
 from types import SimpleNamespace
 
 import pytest
@@ -40,12 +41,16 @@ def test_delta_weight_formula_and_merge():
 
 def test_schedule_matches_formula_and_never_increases():
     b0, bT, T, ti, tf, dt = 60, 20, 1000, 100, 300, 10
-    bs = [budget_schedule(g, b0, bT, T, ti, tf, dt) for g in range(T)]  # g = steps completed before this one
+    # g = steps completed before this one
+    bs = [budget_schedule(g, b0, bT, T, ti, tf, dt) for g in range(T)]
     assert bs[ti] == (b0, False)                          # g = t_init: no masking yet
     assert bs[T - tf] == (bT, (T - tf) % dt == 0)         # g = T - t_final: target reached
-    # b = bT + (b0 − bT)(1 − (g − t_i)/(T − t_f − t_i))³, rounded down, worked by hand (T − t_f − t_i = 600):
-    # g = 101: 20 + 40·(599/600)³ = 59.80; 250: 20 + 40·0.75³ = 36.875; 333: 20 + 40·(367/600)³ = 29.15;
-    # 400: 20 + 40·0.5³ = 25 exactly; 599: 20 + 40·(1/600 + 1/6)³ = 20.19. Masks where g % ΔT == 0.
+    # b = bT + (b0 − bT)(1 − (g − t_i)/(T − t_f − t_i))³, rounded down, worked by hand
+    # (T − t_f − t_i = 600):
+    #   g = 101: 20 + 40·(599/600)³ = 59.80;   250: 20 + 40·0.75³ = 36.875;
+    #   g = 333: 20 + 40·(367/600)³ = 29.15;   400: 20 + 40·0.5³ = 25 exactly;
+    #   g = 599: 20 + 40·(1/600 + 1/6)³ = 20.19.
+    # Masks where g % ΔT == 0.
     hand = {101: (59, False), 250: (36, True), 333: (29, False), 400: (25, True), 599: (20, False)}
     assert {g: bs[g] for g in hand} == hand
     assert all(b == (bT, True) for b in bs[T - tf + 1:])  # final phase: mask every step
@@ -54,13 +59,18 @@ def test_schedule_matches_formula_and_never_increases():
 
 
 def masked_steps(T, t_init, t_final, delta_t):
-    """1-based optimiser steps on which a real allocator masks E, in a run driven as train.py drives it."""
+    """1-based optimiser steps on which a real allocator masks E, driven as train.py drives it."""
     model, layers = ada_model(r=3)
-    alloc = RankAllocator(layers, b_target=len(layers), total_steps=T, t_init=t_init, t_final=t_final,
-                          delta_t=delta_t)
+    alloc = RankAllocator(layers, b_target=len(layers), total_steps=T, t_init=t_init,
+                          t_final=t_final, delta_t=delta_t)
     seen, real = [], alloc.mask_to_budget
-    alloc.mask_to_budget = lambda b: (seen.append(n), real(b))[1]
-    for n in range(1, T + 1):  # the n-th optimiser step; the allocator gets n - 1 (official global_step)
+
+    def mask_and_record(b):
+        seen.append(n)
+        return real(b)
+    alloc.mask_to_budget = mask_and_record
+    # the n-th optimiser step; the allocator gets n - 1 (official global_step)
+    for n in range(1, T + 1):
         for l in layers:
             torch.nn.init.normal_(l.lora_E)
         model.zero_grad()
@@ -70,21 +80,24 @@ def masked_steps(T, t_init, t_final, delta_t):
 
 
 def test_masks_fall_on_the_official_steps():
-    """Worked out by hand from the official trainer: update_and_mask(global_step) before global_step += 1.
-    T = 40, t_init = 6, t_final = 10, delta_t = 4: the decreasing phase masks at global_step 8, 12, ..., 28
-    (<= T - t_final = 30, divisible by 4), i.e. on steps 9, 13, ..., 29; the final phase (global_step > 30)
-    masks on every step from step 32 on, the first of them ranking with frozen scores and the rest reusing it."""
+    """Worked out by hand from the official trainer: update_and_mask(global_step) before
+    global_step += 1. T = 40, t_init = 6, t_final = 10, delta_t = 4: the decreasing phase masks at
+    global_step 8, 12, ..., 28 (<= T - t_final = 30, divisible by 4), i.e. on steps 9, 13, ..., 29;
+    the final phase (global_step > 30) masks on every step from step 32 on, the first of them
+    ranking with frozen scores and the rest reusing it."""
     seen, alloc = masked_steps(40, 6, 10, 4)
     assert seen[0] == 9                         # the first mask: the 9th optimiser step
     assert [s for s in seen if s <= 31][-1] == 29  # the last mask of the decreasing phase
-    assert seen[-1] == 32                       # the first final-phase mask (then cached: no new ranking)
+    assert seen[-1] == 32                       # the first final-phase mask (then cached:
+                                                # no new ranking)
     assert seen == [9, 13, 17, 21, 25, 29, 32]
     assert alloc.calls == 40 and sum(alloc.rank_pattern()) == alloc.b_target
 
 
 def test_emas_see_steps_1_to_T_minus_t_final():
     model, layers = ada_model(r=3)
-    alloc = RankAllocator(layers, b_target=len(layers), total_steps=20, t_init=2, t_final=5, delta_t=3)
+    alloc = RankAllocator(layers, b_target=len(layers), total_steps=20, t_init=2, t_final=5,
+                          delta_t=3)
     updates = []
     alloc.update_ipt = lambda: updates.append(alloc.calls)
     for n in range(1, 21):
@@ -93,13 +106,14 @@ def test_emas_see_steps_1_to_T_minus_t_final():
 
 
 def test_schedule_must_end_at_the_target():
-    check_schedule(10, 2, 2, 5)                         # last step (index 9) is in the final phase
-    check_schedule(10, 2, 1, 3)                         # index 9 = T - t_final, and 9 % 3 == 0: masks to target
+    too_short = "AdaLoRA needs at least 3 optimiser steps, this run has T=1"
+    check_schedule(10, 2, 2, 5)         # last step (index 9) is in the final phase
+    check_schedule(10, 2, 1, 3)         # index 9 = T - t_final, and 9 % 3 == 0: masks to target
     with pytest.raises(ValueError, match="raise --ada_t_final"):
-        check_schedule(10, 2, 1, 4)                     # index 9 would not mask: would end over budget
-    with pytest.raises(ValueError, match="AdaLoRA needs at least 3 optimiser steps, this run has T=1"):
-        check_schedule(1, 0, 0, 10)                     # T = 1 (was: "ok" at 0.269% against 0.2%)
-    check_schedule(3, 0, 2, 10)                         # the shortest schedule that ends at its target
+        check_schedule(10, 2, 1, 4)     # index 9 would not mask: would end over budget
+    with pytest.raises(ValueError, match=too_short):
+        check_schedule(1, 0, 0, 10)     # T = 1 (was: "ok" at 0.269% against 0.2%)
+    check_schedule(3, 0, 2, 10)         # the shortest schedule that ends at its target
 
 
 def test_schedule_guard_message():
@@ -111,14 +125,16 @@ def test_schedule_guard_message():
 
 
 def test_ema_and_triplet_scores_by_hand():
-    """Two triplets of one 2 × 3 matrix: triplet 0's entries (row 0 of A, E_0, column 0 of B) are 1, triplet
-    1's are 2; every gradient is 2 on step 1 and 0.5 on step 2; β1 = 0.8, β2 = 0.7. Worked by hand, triplet 0:
-    step 1: I = 2, Ī = 0.2·2 = 0.4, Ū = 0.3·|2 − 0.4| = 0.48; step 2: I = 0.5, Ī = 0.8·0.4 + 0.2·0.5 = 0.42,
-    Ū = 0.7·0.48 + 0.3·|0.5 − 0.42| = 0.36; score per entry 0.42·0.36 = 0.1512, triplet 3·0.1512 = 0.4536.
+    """Two triplets of one 2 × 3 matrix: triplet 0's entries (row 0 of A, E_0, column 0 of B) are
+    1, triplet 1's are 2; every gradient is 2 on step 1 and 0.5 on step 2; β1 = 0.8, β2 = 0.7.
+    Worked by hand, triplet 0:
+      step 1: I = 2, Ī = 0.2·2 = 0.4, Ū = 0.3·|2 − 0.4| = 0.48;
+      step 2: I = 0.5, Ī = 0.8·0.4 + 0.2·0.5 = 0.42, Ū = 0.7·0.48 + 0.3·|0.5 − 0.42| = 0.36;
+      score per entry 0.42·0.36 = 0.1512, triplet 3·0.1512 = 0.4536.
     Triplet 1 (I doubles): Ī = 0.84, Ū = 0.72, triplet 3·0.6048 = 1.8144."""
     layer = AdaLoRALinear(torch.nn.Linear(3, 2), r=2, alpha=2.0)
-    alloc = RankAllocator([layer], b_target=1, total_steps=100, t_init=10, t_final=10, delta_t=5, beta1=0.8,
-                          beta2=0.7)
+    alloc = RankAllocator([layer], b_target=1, total_steps=100, t_init=10, t_final=10, delta_t=5,
+                          beta1=0.8, beta2=0.7)
     with torch.no_grad():
         layer.lora_A.copy_(torch.tensor([[1.0, 1, 1], [2, 2, 2]]))  # r × d_in
         layer.lora_E.copy_(torch.tensor([[1.0], [2]]))             # r × 1
@@ -173,8 +189,9 @@ def test_orthogonality_term_zero_for_orthonormal_and_gradcheck():
 
 
 def test_orthogonality_gradient_added_by_hand_equals_autograds():
-    """add_orth_grad_ (after backward, batched, one multi-tensor add per factor) = autograd of γ·R, value too;
-    an exactly orthonormal factor (norm 0) gets gradient 0 from its term, as from autograd."""
+    """add_orth_grad_ (after backward, batched, one multi-tensor add per factor) = autograd of
+    γ·R, value too; an exactly orthonormal factor (norm 0) gets gradient 0 from its term, as from
+    autograd."""
     _, layers = ada_model(r=3)
     _, more = ada_model(kind="roberta", r=2)
     layers += more

@@ -1,6 +1,7 @@
 """A run's adapters on disk, without peft: the project's file and the peft folder round-trip here,
-and every bad input (another task, model, method or rank, an edited header, a missing key, a truncated
-file, targets matching nothing, AdaLoRA without rank_pattern) is a one-line error naming the file.
+and every bad input (another task, model, method or rank, an edited header, a missing key, a
+truncated file, targets matching nothing, AdaLoRA without rank_pattern) is a one-line error naming
+the file.
 Against peft itself: test_peft_interop.py."""
 import json
 import os
@@ -38,8 +39,8 @@ def test_project_file_round_trip_and_its_checks(tmp_path):
     other, _ = lora_model(r=3)
     with pytest.raises(ValueError, match="a.safetensors does not fit this model"):
         load_adapters(other, tmp_path / "a.safetensors", meta)
-    with pytest.raises(ValueError, match=r"a.safetensors was saved for another setup: lora_alpha '4.0' "
-                                         r"\(want '16.0'\)"):
+    other_alpha = r"a.safetensors was saved for another setup: lora_alpha '4.0' \(want '16.0'\)"
+    with pytest.raises(ValueError, match=other_alpha):
         load_adapters(fresh, tmp_path / "a.safetensors", meta | {"lora_alpha": 16.0})
     with pytest.raises(ValueError, match="a.safetensors was saved for another setup: task 'sst2'"):
         load_adapters(fresh, tmp_path / "a.safetensors", {"task": "cola"})  # whatever else is given
@@ -59,17 +60,20 @@ def test_project_file_round_trip_and_its_checks(tmp_path):
 
 def test_unclear_case_a_file_loads_only_for_a_named_task(tmp_path):
     """Issue 31, unclear: 'an adapter file loads into a model of another task when the caller passes
-    no expectation'. Decided: the task is always needed (a head gives another task's labels silently)."""
+    no expectation'. Decided: the task is always needed (a head gives another task's labels
+    silently)."""
     model, _ = lora_model(alpha=4.0)
     save_file(model, tmp_path / "a.safetensors", {"task": "cola", "lora_alpha": 4.0})
-    with pytest.raises(ValueError, match=r"loading .*a.safetensors needs the task the model is for"):
+    needs_task = r"loading .*a.safetensors needs the task the model is for"
+    with pytest.raises(ValueError, match=needs_task):
         load_adapters(model, tmp_path / "a.safetensors", {})
     assert load_adapters(model, tmp_path / "a.safetensors", {"task": "cola"})["task"] == "cola"
 
 
 def test_unclear_case_the_header_task_is_inside_the_digest(tmp_path):
-    """Issue 31, unclear: 'the adapter header's task is outside the digest'. Fixed: the digest covers
-    the header, so a file whose header says another task than it was saved with is refused."""
+    """Issue 31, unclear: 'the adapter header's task is outside the digest'. Fixed: the digest
+    covers the header, so a file whose header says another task than it was saved with is
+    refused."""
     model, _ = lora_model(alpha=4.0)
     save_file(model, tmp_path / "a.safetensors", {"task": "cola", "lora_alpha": 4.0})
     with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
@@ -204,9 +208,9 @@ def test_peft_folder_bad_inputs_name_the_file_and_leave_the_model_alone(tmp_path
             check_meta=False)  # another base model
     torch.manual_seed(0)
     wider = load_model("tiny-bert")[0]  # BERT's names, hidden 32
-    refused(folder, r"adapter_model.safetensors does not fit this model: other shapes \['base_model."
-            r"model.bert.encoder.layer.0.attention.output.dense.lora_A.weight \(2, 16\) \(model "
-            r"\(2, 32\)\)', .* and 24 more", model=wider, check_meta=False)
+    refused(folder, r"adapter_model.safetensors does not fit this model: other shapes "
+            r"\['base_model.model.bert.encoder.layer.0.attention.output.dense.lora_A.weight "
+            r"\(2, 16\) \(model \(2, 32\)\)', .* and 24 more", model=wider, check_meta=False)
     refused(tmp_path / "nowhere", r"nowhere/adapter_config.json not found")
     edit = json.loads(config_path.read_text())
 
@@ -218,18 +222,20 @@ def test_peft_folder_bad_inputs_name_the_file_and_leave_the_model_alone(tmp_path
         return tmp_path / name
     refused(variant("truncated", tensors=tensors_path.read_bytes()[:-100]),
             r"truncated/adapter_model.safetensors: not a readable safetensors adapter file")
-    refused(variant("edited", edit | {"lora_alpha": 8}), r"edited: its config or tensors do not match")
+    refused(variant("edited", edit | {"lora_alpha": 8}),
+            r"edited: its config or tensors do not match")
     unsealed = edit | {"fwlora": {k: v for k, v in edit["fwlora"].items() if k != "sha256"}}
     refused(variant("nothing", unsealed | {"target_modules": ["nope"]}),
             r"nothing/adapter_config.json: target_modules \['nope'\] match no module of this model")
     with safe_open(str(tensors_path), "pt") as f:
         fewer = {k: f.get_tensor(k) for k in f.keys() if "layer.1.output.dense.lora_B" not in k}
-    refused(variant("missing", unsealed, safetensors_bytes(fewer)), r"missing/adapter_model.safetensors "
-            r"does not fit this model: missing keys \['base_model.model.bert.encoder.layer.1.output."
-            r"dense.lora_B.weight'\]")
+    refused(variant("missing", unsealed, safetensors_bytes(fewer)),
+            r"missing/adapter_model.safetensors does not fit this model: missing keys "
+            r"\['base_model.model.bert.encoder.layer.1.output.dense.lora_B.weight'\]")
     refused(variant("ada", unsealed | {"peft_type": "ADALORA", "rank_pattern": None}),
             r"ada/adapter_config.json: an AdaLoRA config without rank_pattern")
-    refused(variant("dora", unsealed | {"use_dora": True}), r"dora/adapter_config.json: uses use_dora")
+    refused(variant("dora", unsealed | {"use_dora": True}),
+            r"dora/adapter_config.json: uses use_dora")
     foreign = {k: v for k, v in unsealed.items() if k != "fwlora"}
     refused(variant("foreign", foreign), r"foreign/adapter_config.json holds no 'fwlora' record")
     fresh = tiny_model("bert")
@@ -238,7 +244,8 @@ def test_peft_folder_bad_inputs_name_the_file_and_leave_the_model_alone(tmp_path
 
 
 def test_write_folder_is_atomic(tmp_path, monkeypatch):
-    """A failed folder write leaves no temp folder, keeps the folder already there, names the path."""
+    """A failed folder write leaves no temp folder, keeps the folder already there, names the
+    path."""
     import errno
     import record
     write_folder(str(tmp_path / "a.peft"), {"x": b"old"})

@@ -1,4 +1,5 @@
-"""GLUE loading: the shipped copy's checksums and counts, clear errors for bad files, batching, the toy task."""
+"""GLUE loading: the shipped copy's checksums and counts, clear errors for bad files, batching, the
+toy task."""
 import hashlib
 import os
 import re
@@ -25,7 +26,8 @@ def test_the_codes_digests_are_the_readmes():
 @pytest.mark.slow
 def test_shipped_glue_checksums_counts_and_labels():
     for name, want in readme_sha256().items():
-        assert hashlib.sha256(open(os.path.join(GLUE_DIR, name), "rb").read()).hexdigest() == want, name
+        raw = open(os.path.join(GLUE_DIR, name), "rb").read()
+        assert hashlib.sha256(raw).hexdigest() == want, name
     sst2, cola = load_glue("sst2"), load_glue("cola")  # the default: the copy in the repo
     counts = {(t, s): (len(d[s][0]), sum(d[s][1])) for t, d in (("sst2", sst2), ("cola", cola))
               for s in ("train", "dev")}
@@ -40,11 +42,14 @@ def test_missing_and_malformed_files(tmp_path):
         load_glue("sst2", str(tmp_path))
     os.makedirs(tmp_path / "CoLA")
     (tmp_path / "CoLA" / "dev.tsv").write_text("gj04\t1\t\tgood sentence .\n")
-    (tmp_path / "CoLA" / "train.tsv").write_text("gj04\t1\t\tgood sentence .\nbroken line without tabs\n")
+    good = "gj04\t1\t\tgood sentence .\n"
+    (tmp_path / "CoLA" / "train.tsv").write_text(good + "broken line without tabs\n")
     with pytest.raises(ValueError, match="line 2: expected 4 tab-separated columns"):
         load_glue("cola", str(tmp_path))
-    # Bad case 12: a bad byte on line 1001 is named on line 1001 (not by its offset in the decoder's chunk)
-    (tmp_path / "CoLA" / "train.tsv").write_bytes(b"gj04\t1\t\tgood sentence .\n" * 1000 + b"gj04\t0\t*\tbad \xff .\n")
+    # Bad case 12: a bad byte on line 1001 is named on line 1001
+    # (not by its offset in the decoder's chunk)
+    lines = b"gj04\t1\t\tgood sentence .\n" * 1000 + b"gj04\t0\t*\tbad \xff .\n"
+    (tmp_path / "CoLA" / "train.tsv").write_bytes(lines)
     with pytest.raises(ValueError, match=r"train.tsv line 1001: not UTF-8"):
         load_glue("cola", str(tmp_path))
     (tmp_path / "bad.tsv").write_text("text\tlabel\nhello\t1\n")
@@ -61,14 +66,18 @@ class CharTokenizer:  # a stand-in tokenizer: one id per character
 
 def test_batches_pad_to_longest_and_seeded_order():
     sents = ["a", "bbbb", "cc", "ddddddd", "e"]
-    b = Batches.tokenize(sents, [0, 1, 0, 1, 0], CharTokenizer(), max_length=5, batch_size=2, pad_id=0)
+    b = Batches.tokenize(sents, [0, 1, 0, 1, 0], CharTokenizer(), max_length=5, batch_size=2,
+                         pad_id=0)
     assert len(b) == 3
     batches = list(b.batches(seed=None))  # evaluation order: by length (a, e, cc, bbbb, ddddd)
-    assert [x["input_ids"].shape for x in batches] == [(2, 1), (2, 4), (1, 5)]  # 7 characters truncated to 5
+    # 7 characters truncated to 5
+    assert [x["input_ids"].shape for x in batches] == [(2, 1), (2, 4), (1, 5)]
     assert batches[1]["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     assert [x["labels"].tolist() for x in batches] == [[0, 0], [0, 1], [1]]
-    order = lambda seed: torch.cat([x["labels"] for x in b.batches(seed)]).tolist() + \
-        [x["input_ids"].sum().item() for x in b.batches(seed)]
+
+    def order(seed):
+        labels = torch.cat([x["labels"] for x in b.batches(seed)]).tolist()
+        return labels + [x["input_ids"].sum().item() for x in b.batches(seed)]
     assert order(3) == order(3) and order(3) != order(4)
 
 
@@ -94,8 +103,10 @@ def test_length_grouped_batches_cover_every_example_once_and_cut_padding():
         assert [len(i) for i in grouped].count(32) == 31  # one partial batch
         assert padded(grouped) < 1.15 < 1.6 < padded(b.order(seed, group_by_length=False))
     key = lambda order: [i.tolist() for i in order]
-    assert key(b.order(3)) == key(b.order(3)) and key(b.order(3)) != key(b.order(4))  # seeded; epochs differ
-    assert key(b.order(None)) == key(b.order(None)) and padded(b.order(None)) < 1.05  # evaluation: by length
+    # seeded; epochs differ
+    assert key(b.order(3)) == key(b.order(3)) and key(b.order(3)) != key(b.order(4))
+    # evaluation: by length
+    assert key(b.order(None)) == key(b.order(None)) and padded(b.order(None)) < 1.05
 
 
 def test_metrics_match_scikit_learn():
@@ -105,17 +116,22 @@ def test_metrics_match_scikit_learn():
     for _ in range(5):
         y, p = torch.randint(0, 2, (200,), generator=g), torch.randint(0, 2, (200,), generator=g)
         m = metrics(p, y)
-        assert m["accuracy"] == pytest.approx(accuracy_score(y, p)) and m["mcc"] == pytest.approx(matthews_corrcoef(y, p))
-    assert metrics(torch.ones(10), y[:10])["mcc"] == 0.0 == matthews_corrcoef(y[:10], torch.ones(10))  # one class
+        assert m["accuracy"] == pytest.approx(accuracy_score(y, p))
+        assert m["mcc"] == pytest.approx(matthews_corrcoef(y, p))
+    ones = torch.ones(10)  # one class
+    assert metrics(ones, y[:10])["mcc"] == 0.0 == matthews_corrcoef(y[:10], ones)
 
 
 def test_heldout_slice_is_fixed_disjoint_from_training_and_replaces_dev(monkeypatch):
-    """Tuning evaluates on a fixed slice of train that no run of any seed trains on; dev is never read."""
+    """Tuning evaluates on a fixed slice of train that no run of any seed trains on; dev is never
+    read."""
     import data
     train = ([f"t{i}" for i in range(4000)], [i % 2 for i in range(4000)])
-    monkeypatch.setattr(data, "load_glue", lambda task, glue_dir: {"train": train, "dev": (["d"], [0])})
+    splits = {"train": train, "dev": (["d"], [0])}
+    monkeypatch.setattr(data, "load_glue", lambda task, glue_dir: splits)
 
-    class Chars:  # a stand-in tokenizer: a sentence's characters, so sentences can be recovered from ids
+    # a stand-in tokenizer: a sentence's characters, so sentences can be recovered from ids
+    class Chars:
         pad_token_id = 0
 
         def __call__(self, sents, truncation, max_length):
@@ -123,10 +139,12 @@ def test_heldout_slice_is_fixed_disjoint_from_training_and_replaces_dev(monkeypa
     text = lambda b: {"".join(map(chr, x.tolist())) for x in b.ids}
     held = {}
     for seed in (0, 1):
-        tr, ev = data.make_batches("sst2", "", Chars(), 64, 32, max_train=3000, seed=seed, heldout=500)
+        tr, ev = data.make_batches("sst2", "", Chars(), 64, 32, max_train=3000, seed=seed,
+                                   heldout=500)
         held[seed], trained = text(ev), text(tr)
         assert len(held[seed]) == 500 and len(trained) == 3000 and not held[seed] & trained
-    assert held[0] == held[1] and held[0] <= set(train[0])  # one fixed slice of train; dev ("d") unread
+    # one fixed slice of train; dev ("d") unread
+    assert held[0] == held[1] and held[0] <= set(train[0])
     with pytest.raises(ValueError, match="--heldout=4000 leaves no training data"):
         data.make_batches("sst2", "", Chars(), 64, 32, heldout=4000)
 

@@ -1,12 +1,13 @@
-"""LoRA invariants: init = base, only adapters/head move, merge, injection, budget rule (save/load: test_adapters)."""
+"""LoRA invariants: init = base, only adapters/head move, merge, injection, budget rule (save/load:
+test_adapters)."""
 import math
 
 import pytest
 import torch
 
 from helpers import MPNET_BASE, lora_model, tiny_batch, tiny_model
-from lora import (LoRALinear, adapter_params, count_base_params, freeze_base, inject, is_head, rank_for_budget,
-                  target_names)
+from lora import (LoRALinear, adapter_params, count_base_params, freeze_base, inject, is_head,
+                  rank_for_budget, target_names)
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "mpnet"])
@@ -57,14 +58,15 @@ def test_merge_idempotent_and_matches_unmerged():
         l.unmerge()
         assert torch.allclose(l.base.weight, w0[n], atol=1e-6)
     assert torch.allclose(model(**batch).logits, ref, atol=1e-5)
-    model.eval(), model.train()  # train()/eval() never merge
+    model.eval()  # train()/eval() never merge
+    model.train()
     assert not any(l.merged for l in layers)
 
 
-SIX = {"bert": ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-                "intermediate.dense", "output.dense"],
-       "mpnet": ["attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o", "intermediate.dense",
-                 "output.dense"]}
+SIX = {"bert": ["attention.self.query", "attention.self.key", "attention.self.value",
+                "attention.output.dense", "intermediate.dense", "output.dense"],
+       "mpnet": ["attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o",
+                 "intermediate.dense", "output.dense"]}
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "mpnet"])
@@ -73,7 +75,8 @@ def test_injection_hits_exactly_the_six_matrices(kind):
     names = target_names(model)
     assert len(names) == 6 * 2
     suffixes = sorted({n.split(".layer.0.", 1)[1] for n in names if ".layer.0." in n})
-    assert suffixes == sorted(SIX["mpnet" if kind == "mpnet" else "bert"])  # RoBERTa names them as BERT
+    family = "mpnet" if kind == "mpnet" else "bert"  # RoBERTa names them as BERT
+    assert suffixes == sorted(SIX[family])
     layers = inject(model, lambda lin: LoRALinear(lin, 2, 4.0))
     wrapped = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     assert wrapped == set(names) == set(layers)
@@ -85,17 +88,21 @@ def test_injection_hits_exactly_the_six_matrices(kind):
 
 
 def test_budget_rule_on_a_real_roberta_base():
-    """random-roberta-base (a RobertaForSequenceClassification with roberta-base's config), built on the meta device
-    (shapes only) and counted: the published roberta-base count, and three distinct ranks."""
+    """random-roberta-base (a RobertaForSequenceClassification with roberta-base's config), built on
+    the meta device (shapes only) and counted: the published roberta-base count, and three distinct
+    ranks."""
     from data import load_model
     with torch.device("meta"):
         model = load_model("random-roberta-base")[0]
     n_base, names = count_base_params(model), target_names(model)
     shapes = [tuple(model.get_submodule(n).weight.shape) for n in names]
-    # 12 layers × (4 attention matrices of 768 + 768, FFN in and out of 768 + 3072) = 165,888 per unit of rank
+    # 12 layers × (4 attention matrices of 768 + 768, FFN in and out of 768 + 3072) = 165,888 per
+    # unit of rank
     assert len(names) == 72 and sum(a + b for a, b in shapes) == 165_888
-    assert n_base == 124_055_040  # roberta-base: 124.6M less the classification head (and no pooler)
-    assert [rank_for_budget(b, n_base, shapes) for b in (0.1, 0.2, 0.5)] == [1, 2, 4]  # three distinct ranks
+    # roberta-base: 124.6M less the classification head (and no pooler)
+    assert n_base == 124_055_040
+    # three distinct ranks
+    assert [rank_for_budget(b, n_base, shapes) for b in (0.1, 0.2, 0.5)] == [1, 2, 4]
     with pytest.raises(ValueError, match="below half of rank 1"):
         rank_for_budget(0.05, n_base, shapes)
     for bad in (0, -1, float("nan")):
@@ -106,17 +113,21 @@ def test_budget_rule_on_a_real_roberta_base():
 
 
 def test_budget_rule_on_mpnet_base():
-    """all-mpnet-base-v2's config (helpers.MPNET_BASE; the slow test in test_mpnet.py checks it against the real
-    folder) on the meta device: roberta-base's 72 matrices, 108,895,872 base parameters, r = 1, 2, 4."""
+    """all-mpnet-base-v2's config (helpers.MPNET_BASE; the slow test in test_mpnet.py checks it
+    against the real folder) on the meta device: roberta-base's 72 matrices, 108,895,872 base
+    parameters, r = 1, 2, 4."""
     from transformers import MPNetConfig, MPNetForSequenceClassification
     with torch.device("meta"):
         model = MPNetForSequenceClassification(MPNetConfig(num_labels=2, **MPNET_BASE))
     n_base, names = count_base_params(model), target_names(model)
     shapes = [tuple(model.get_submodule(n).weight.shape) for n in names]
     assert len(names) == 72 and sum(a + b for a, b in shapes) == 165_888  # as roberta-base's
-    assert n_base == 108_895_872  # the head (classifier.dense, classifier.out_proj) left out; no pooler
-    assert sum(p.numel() for n, p in model.named_parameters() if is_head(n)) == 768 * 768 + 768 + 2 * 768 + 2
-    assert [rank_for_budget(b, n_base, shapes) for b in (0.1, 0.2, 0.5)] == [1, 2, 4]  # 0.66, 1.31, 3.28 units
+    # the head (classifier.dense, classifier.out_proj) left out; no pooler
+    assert n_base == 108_895_872
+    n_head = sum(p.numel() for n, p in model.named_parameters() if is_head(n))
+    assert n_head == 768 * 768 + 768 + 2 * 768 + 2
+    # 0.66, 1.31, 3.28 units
+    assert [rank_for_budget(b, n_base, shapes) for b in (0.1, 0.2, 0.5)] == [1, 2, 4]
 
 
 def test_a_budget_over_the_smallest_side_says_which_budget_fits():
@@ -139,4 +150,5 @@ def test_budget_count_matches_formula_at_each_budget():
         inject(model, lambda lin: LoRALinear(lin, r, 1.0))
         n_adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         assert n_adapter == r * sum(a + b for a, b in shapes)
-        assert 0 <= 100 * n_adapter / n_base - budget < 100 * sum(a + b for a, b in shapes) / n_base  # < one unit over
+        one_unit = 100 * sum(a + b for a, b in shapes) / n_base
+        assert 0 <= 100 * n_adapter / n_base - budget < one_unit  # over by less than one unit

@@ -1,9 +1,9 @@
 """Interop with peft (the project never imports it; this test does). A run trained here with
---save_adapters=true leaves a `.peft/` folder that peft's PeftModel.from_pretrained loads onto a fresh
-base model with the trained model's logits (≤ 1e-5, fp32), without a missing- or unexpected-key
-warning; peft's own save of it loads back here with the same logits. LoRA, fwrank (mixed ranks, one
-matrix at rank 0), FW-LoRA and AdaLoRA after pruning (a kept pattern that is not a prefix, one matrix
-at k = 0), on tiny random BERT, RoBERTa and MPNet."""
+--save_adapters=true leaves a `.peft/` folder that peft's PeftModel.from_pretrained loads onto a
+fresh base model with the trained model's logits (≤ 1e-5, fp32), without a missing- or
+unexpected-key warning; peft's own save of it loads back here with the same logits. LoRA, fwrank
+(mixed ranks, one matrix at rank 0), FW-LoRA and AdaLoRA after pruning (a kept pattern that is not
+a prefix, one matrix at k = 0), on tiny random BERT, RoBERTa and MPNet."""
 import copy
 import logging
 import re
@@ -21,7 +21,8 @@ from helpers import tiny, tiny_batch, tiny_model, toy_data  # noqa: E402
 from lora import LoRALinear, target_names  # noqa: E402
 
 KEY_WARNING = re.compile(r"missing adapter keys|missing keys|unexpected keys", re.I)
-FWRANK_RANKS = [0, 1, 3, 2, 4, 2, 1, 3, 2, 2, 5, 2]  # forced allocation: mixed, matrix 0 not adapted
+# forced allocation: mixed, matrix 0 not adapted
+FWRANK_RANKS = [0, 1, 3, 2, 4, 2, 1, 3, 2, 2, 5, 2]
 
 
 def base_model(kind: str, seed: int = 0):
@@ -31,8 +32,8 @@ def base_model(kind: str, seed: int = 0):
     from transformers import MPNetConfig, MPNetForSequenceClassification
     torch.manual_seed(seed)
     config = MPNetConfig(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=24, max_position_embeddings=40, num_labels=2, pad_token_id=1,
-                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                         intermediate_size=24, max_position_embeddings=40, num_labels=2,
+                         pad_token_id=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return MPNetForSequenceClassification(config).eval()
 
 
@@ -116,18 +117,21 @@ def test_a_run_exported_here_loads_in_peft_and_back(tmp_path, monkeypatch, caplo
     adapted = {n: m for n, m in in_peft.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
     if method == "fwrank":
         names = target_names(base_model(kind))
-        assert {n.removeprefix("base_model.model.") for n in adapted} == set(names[1:])  # not rank 0
+        # all but matrix 0 (rank 0)
+        assert {n.removeprefix("base_model.model.") for n in adapted} == set(names[1:])
         ranks = [adapted[f"base_model.model.{n}"].r["default"] for n in names[1:]]
         assert ranks == FWRANK_RANKS[1:]
     if method == "adalora":
-        kept = [record["adalora"]["rank_pattern"][n] for n in target_names(base_model(kind))]
+        names = target_names(base_model(kind))
+        kept = [record["adalora"]["rank_pattern"][n] for n in names]
         assert kept[:2] == [0, 3]  # init rank 5: triplets 0, 2, 4
-        assert [adapted[f"base_model.model.{n}"].lora_E["default"].shape[0] for n in target_names(
-            base_model(kind))] == kept
+        loaded = [adapted[f"base_model.model.{n}"].lora_E["default"].shape[0] for n in names]
+        assert loaded == kept
 
 
 def test_the_warning_guard_sees_a_missing_key(tmp_path, monkeypatch, caplog):
-    """The guard above can fail: a folder with an adapter key removed loads in peft with a warning."""
+    """The guard above can fail: a folder with an adapter key removed loads in peft with a
+    warning."""
     from safetensors.torch import load_file, save_file
     _, folder = train_and_export(tmp_path, monkeypatch, "bert", "lora")
     state = load_file(str(folder / "adapter_model.safetensors"))
@@ -140,8 +144,8 @@ def test_the_warning_guard_sees_a_missing_key(tmp_path, monkeypatch, caplog):
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "mpnet"])
 def test_an_adapter_made_by_peft_loads_here(tmp_path, kind):
-    """peft's own LoRA (suffix targets; rank_pattern and alpha_pattern keys that match by suffix) and
-    AdaLoRA (its pruning's rank_pattern) load here with peft's logits."""
+    """peft's own LoRA (suffix targets; rank_pattern and alpha_pattern keys that match by suffix)
+    and AdaLoRA (its pruning's rank_pattern) load here with peft's logits."""
     suffixes = {"bert": ["query", "value", "output.dense"],
                 "mpnet": ["attn.q", "attn.o", "output.dense"],
                 "roberta": ["key", "intermediate.dense", "layer.1.output.dense"]}[kind]

@@ -1,6 +1,6 @@
-"""train(): config parsing, every bad input's message, determinism, FW-LoRA(λ=0) = LoRA, one backward per
-step, AdaLoRA really prunes, results written atomically, learning, and the GPU code paths on CPU stand-ins
-(a float64 device move, bf16 autocast)."""
+"""train(): config parsing, every bad input's message, determinism, FW-LoRA(λ=0) = LoRA, one
+backward per step, AdaLoRA really prunes, results written atomically, learning, and the GPU code
+paths on CPU stand-ins (a float64 device move, bf16 autocast)."""
 import json
 import os
 
@@ -13,9 +13,12 @@ from train import Config, prepare, train, train_step
 
 
 def test_parse_args_types_errors_and_help(capsys):
-    cfg = parse_args(["--lr=1e-3", "--epochs=2", "--method=fwlora", "--save_adapters=true", "--glue_dir=hub"], Config)
-    assert (cfg.lr, cfg.epochs, cfg.method, cfg.save_adapters, cfg.glue_dir) == (1e-3, 2, "fwlora", True, "hub")
-    for bad in (["--nope=1"], ["--epochs=two"], ["lr=1"], ["--save_adapters=maybe"], ["--lr=1", "--lr=2"]):
+    argv = ["--lr=1e-3", "--epochs=2", "--method=fwlora", "--save_adapters=true", "--glue_dir=hub"]
+    cfg = parse_args(argv, Config)
+    got = (cfg.lr, cfg.epochs, cfg.method, cfg.save_adapters, cfg.glue_dir)
+    assert got == (1e-3, 2, "fwlora", True, "hub")
+    for bad in (["--nope=1"], ["--epochs=two"], ["lr=1"], ["--save_adapters=maybe"],
+                ["--lr=1", "--lr=2"]):
         with pytest.raises(SystemExit):
             parse_args(bad, Config)
     # Issue 31, unclear: int() and float() take 1_0 and Arabic-Indic digits
@@ -55,13 +58,19 @@ def test_parse_args_types_errors_and_help(capsys):
     (dict(max_train=-5), "--max_train"),
     (dict(budget=0.001), "below half of rank 1"),
     (dict(glue_dir="/nonexistent"), "point --glue_dir"),
-    (dict(method="adalora", epochs=1, ada_t_init=5, ada_t_final=5), "lower --ada_t_init or --ada_t_final"),
-    (dict(method="adalora", epochs=1, ada_t_init=1, ada_t_final=1, ada_delta_t=3), "raise --ada_t_final"),
+    (dict(method="adalora", epochs=1, ada_t_init=5, ada_t_final=5),
+     "lower --ada_t_init or --ada_t_final"),
+    (dict(method="adalora", epochs=1, ada_t_init=1, ada_t_final=1, ada_delta_t=3),
+     "raise --ada_t_final"),
+    # advice that can be followed
     (dict(method="adalora", epochs=1, ada_t_init=6, ada_t_final=1, ada_delta_t=3),
-     "raise --ada_t_final to at least 2 and lower --ada_t_init to at most 5"),  # advice that can be followed
-    (dict(method="adalora", epochs=1, n_train=64), "AdaLoRA needs at least 3 optimiser steps, this run has T=2"),
-    (dict(method="adalora", ada_init_ratio=6.0), "AdaLoRA's initial rank 36 .* exceeds the smallest matrix side 32"),
-    (dict(max_length=100_000), "--max_length=100000 exceeds tiny-bert's 512 positions: use at most 512"),
+     "raise --ada_t_final to at least 2 and lower --ada_t_init to at most 5"),
+    (dict(method="adalora", epochs=1, n_train=64),
+     "AdaLoRA needs at least 3 optimiser steps, this run has T=2"),
+    (dict(method="adalora", ada_init_ratio=6.0),
+     "AdaLoRA's initial rank 36 .* exceeds the smallest matrix side 32"),
+    (dict(max_length=100_000),
+     "--max_length=100000 exceeds tiny-bert's 512 positions: use at most 512"),
     # Bad case 5 (issue 31): below [CLS] + [SEP] + 1 the tokenizer returned untruncated ids
     (dict(max_length=2), "--max_length=2 leaves no room for a word after tiny-bert's 2 special "
                          "tokens: use at least 3"),
@@ -75,10 +84,11 @@ def test_parse_args_types_errors_and_help(capsys):
     (dict(method="fwlora", epochs=1, n_train=32), r"warm-up \(K = 1\) takes the whole run \(T = 1"),
 ])
 def test_bad_input_messages(tmp_path, kw, message):
-    """Bad case 6 (nonsense accepted) and the unclear 'late or misleading messages' and 'limits the model cannot
-    take': each refused before training, naming the flag. A flag check_config refuses is not a run and leaves no
-    file (no error file under a name the sweep would never produce); a run refused once its model or data are
-    loaded leaves an .error.json with 0 steps, which the sweep lists."""
+    """Bad case 6 (nonsense accepted) and the unclear 'late or misleading messages' and 'limits the
+    model cannot take': each refused before training, naming the flag. A flag check_config refuses
+    is not a run and leaves no file (no error file under a name the sweep would never produce); a
+    run refused once its model or data are loaded leaves an .error.json with 0 steps, which the
+    sweep lists."""
     data = None if "glue_dir" in kw else toy_data(kw.pop("n_train", 256))
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         train(tiny(tmp_path, **kw), data)
@@ -86,7 +96,8 @@ def test_bad_input_messages(tmp_path, kw, message):
     if files:
         (error,) = files
         saved = json.load(open(tmp_path / error))
-        assert error.endswith(".error.json") and saved["status"] == "error" and saved["steps_done"] == 0
+        assert error.endswith(".error.json")
+        assert saved["status"] == "error" and saved["steps_done"] == 0
     loaded = ("--glue_dir", "below half", "--ada_t_final", "AdaLoRA", "exceeds tiny", "no room",
               "matrix side", "fw_rank_min", "warm-up")
     assert bool(files) == any(m in message for m in loaded)
@@ -104,16 +115,20 @@ def test_output_folder_problems_are_caught_before_any_work(tmp_path):
 
 
 def test_hub_model_offline_message_comes_at_once(tmp_path, monkeypatch):
-    """Unclear case '28 s to fail offline': once the one-connect probe fails, the process is offline for
-    huggingface_hub (no retries for optional files), and so are its children."""
+    """Unclear case '28 s to fail offline': once the one-connect probe fails, the process is offline
+    for huggingface_hub (no retries for optional files), and so are its children."""
     import data
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1:1")  # refused at once, like an offline machine
+    # refused at once, like an offline machine
+    monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1:1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    assert not data.hub_reachable() and constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"
-    monkeypatch.setattr(data, "hub_reachable", lambda: False)  # no network: the local cache only, no retries
-    with pytest.raises(RuntimeError, match="not in the local cache and the hub is out of reach.*Offline, use --model=minilm"):
+    assert not data.hub_reachable()
+    assert constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"
+    # no network: the local cache only, no retries
+    monkeypatch.setattr(data, "hub_reachable", lambda: False)
+    offline = "not in the local cache and the hub is out of reach.*Offline, use --model=minilm"
+    with pytest.raises(RuntimeError, match=offline):
         train(tiny(tmp_path, model="roberta-base-not-cached"), toy_data())
 
 
@@ -130,12 +145,14 @@ def test_same_seed_same_metrics_atomic_files_and_budget(tmp_path):
     a = train(tiny(tmp_path / "a"), toy_data())
     b = train(tiny(tmp_path / "b"), toy_data())
     assert a["epochs"] == b["epochs"]
-    assert os.listdir(tmp_path / "a") == ["sst2_lora_b0.5_s0.json"]  # no temp, partial or error files left
+    # no temp, partial or error files left
+    assert os.listdir(tmp_path / "a") == ["sst2_lora_b0.5_s0.json"]
     saved = json.load(open(tmp_path / "a" / "sst2_lora_b0.5_s0.json"))
     assert saved["status"] == "ok" and saved["final"] == a["final"]
     budget = saved["budget"]
     assert budget["adapter_params"] == budget["rank"] * 2 * (4 * (32 + 32) + 2 * (32 + 64))
-    assert budget["adapter_pct"] == pytest.approx(100 * budget["adapter_params"] / budget["n_base_params"])
+    pct = 100 * budget["adapter_params"] / budget["n_base_params"]
+    assert budget["adapter_pct"] == pytest.approx(pct)
 
 
 def test_learns_a_synthetic_rule(tmp_path):
@@ -163,22 +180,33 @@ def test_gradients_are_clipped_before_the_step(tmp_path, monkeypatch, max_norm):
     run = prepare(tiny(tmp_path, max_grad_norm=max_norm), toy_data())
     norms, real_step = [], run.opt.step
     params = run.opt.param_groups[0]["params"]
-    monkeypatch.setattr(run.opt, "step", lambda: (norms.append(torch.cat([p.grad.flatten() for p in params])
-                                                                .norm().item()), real_step()))
+
+    def step_recording_the_norm():
+        norms.append(torch.cat([p.grad.flatten() for p in params]).norm().item())
+        return real_step()
+    monkeypatch.setattr(run.opt, "step", step_recording_the_norm)
     for step, batch in zip(range(3), run.epoch(0)):
         train_step(run, batch, step)
     assert len(norms) == 3  # one norm per step: the checks below are not over an empty list
-    assert all(n <= 1e-3 * 1.0001 for n in norms) if max_norm else all(n > 1e-2 for n in norms)
+    if max_norm:
+        assert all(n <= 1e-3 * 1.0001 for n in norms)
+    else:
+        assert all(n > 1e-2 for n in norms)
 
 
 @pytest.mark.parametrize("method", ["lora", "adalora", "fwlora", "l2lora"])
 def test_method_state_follows_the_device_move(tmp_path, monkeypatch, method):
-    """prepare()'s model.to(device) also casts to float64 here: the same .data swap as CPU -> CUDA, so any
-    method state left behind (EMAs, masks, Fisher statistics, weights, probe generator) fails on its dtype."""
+    """prepare()'s model.to(device) also casts to float64 here: the same .data swap as CPU -> CUDA,
+    so any method state left behind (EMAs, masks, Fisher statistics, weights, probe generator)
+    fails on its dtype."""
     real_to = torch.nn.Module.to
-    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: real_to(real_to(self, *a, **k), torch.float64))
-    run = prepare(tiny(tmp_path, method=method, epochs=1, fw_warmup_steps=3, ada_t_init=1, ada_t_final=2,
-                       ada_delta_t=1), toy_data(n_train=6 * 32))
+
+    def to_float64(self, *a, **k):
+        return real_to(real_to(self, *a, **k), torch.float64)
+    monkeypatch.setattr(torch.nn.Module, "to", to_float64)
+    cfg = tiny(tmp_path, method=method, epochs=1, fw_warmup_steps=3, ada_t_init=1, ada_t_final=2,
+               ada_delta_t=1)
+    run = prepare(cfg, toy_data(n_train=6 * 32))
     assert run.T == 6
     for step, batch in enumerate(run.epoch(0)):
         loss, _ = train_step(run, batch, step)
@@ -190,20 +218,23 @@ def test_method_state_follows_the_device_move(tmp_path, monkeypatch, method):
         assert sum(run.method.ada.rank_pattern()) == run.method.ada.b_target
 
 
-def test_auto_precision_is_bf16_where_the_hardware_has_it_and_the_result_records_it(tmp_path, monkeypatch, capsys):
+def test_auto_precision_is_bf16_where_the_hardware_has_it_and_the_result_records_it(
+        tmp_path, monkeypatch, capsys):
     import config as train_module  # where the precision is resolved
     assert train_module.resolve_precision("auto", "cuda") == ("bf16", "auto: CUDA")
     assert train_module.resolve_precision("fp32", "cuda") == ("fp32", "asked for")
     monkeypatch.setattr(train_module, "cpu_bf16", lambda: "")
     assert train_module.resolve_precision("auto", "cpu")[0] == "fp32"
     r = train(tiny(tmp_path, precision="auto", epochs=1), toy_data())
-    assert r["precision"] == "fp32" and "precision: fp32 (auto: this CPU has neither AMX-BF16 nor" in \
-        capsys.readouterr().out
+    said = "precision: fp32 (auto: this CPU has neither AMX-BF16 nor"
+    assert r["precision"] == "fp32" and said in capsys.readouterr().out
     monkeypatch.setattr(train_module, "cpu_bf16", lambda: "AVX512-BF16")
-    assert train_module.resolve_precision("auto", "cpu") == ("bf16", "auto: this CPU has AVX512-BF16")
+    avx512 = ("bf16", "auto: this CPU has AVX512-BF16")
+    assert train_module.resolve_precision("auto", "cpu") == avx512
     run = prepare(tiny(tmp_path, precision="auto"), toy_data())
     with run.autocast():
-        assert run.precision == "bf16" and run.model(**next(run.epoch(0))).logits.dtype == torch.bfloat16
+        assert run.precision == "bf16"
+        assert run.model(**next(run.epoch(0))).logits.dtype == torch.bfloat16
     flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
     if flags:  # the detection reads the kernel's flags on Linux
         monkeypatch.undo()
@@ -212,11 +243,14 @@ def test_auto_precision_is_bf16_where_the_hardware_has_it_and_the_result_records
 
 @pytest.mark.parametrize("method", ["lora", "adalora", "fwlora", "l2lora"])
 def test_every_method_under_bf16_autocast(tmp_path, method):
-    """The GPU's default code path (bf16 autocast) on CPU: hooks, penalty and allocator see bf16 activations."""
+    """The GPU's default code path (bf16 autocast) on CPU: hooks, penalty and allocator see bf16
+    activations."""
     r = train(tiny(tmp_path, method=method, precision="bf16", fw_warmup_steps=3), toy_data())
-    assert r["status"] == "ok" and all(torch.isfinite(torch.tensor(e["train_loss"])) for e in r["epochs"])
+    assert r["status"] == "ok"
+    assert all(torch.isfinite(torch.tensor(e["train_loss"])) for e in r["epochs"])
     run = prepare(tiny(tmp_path, method=method, precision="bf16"), toy_data())
-    assert all(p.dtype == torch.float32 for n, p in run.model.named_parameters() if "lora_" in n)  # masters fp32
+    # the master weights stay fp32
+    assert all(p.dtype == torch.float32 for n, p in run.model.named_parameters() if "lora_" in n)
     with run.autocast():
         assert run.model(**next(run.epoch(0))).logits.dtype == torch.bfloat16
 
@@ -230,32 +264,40 @@ def tiny_mpnet(monkeypatch):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_adapts_mpnets_six_matrices_and_trains_its_head(tmp_path, tiny_mpnet, method):
-    """MPNet's module names (attention.attn.{q,k,v,o}, intermediate.dense, output.dense): every method adapts them
-    (fwrank those it gives a rank), the head (classifier.dense, classifier.out_proj) trains and is not counted."""
-    run = prepare(tiny(tmp_path, model="mpnet", method=method, budget=10.0, epochs=1, fw_warmup_steps=2, ada_t_init=1,
-                       ada_t_final=2, ada_delta_t=1), toy_data(n_train=6 * 32))  # 10%: rank 2 at hidden 16
+    """MPNet's module names (attention.attn.{q,k,v,o}, intermediate.dense, output.dense): every
+    method adapts them (fwrank those it gives a rank), the head (classifier.dense,
+    classifier.out_proj) trains and is not counted."""
+    # budget 10%: rank 2 at hidden 16
+    cfg = tiny(tmp_path, model="mpnet", method=method, budget=10.0, epochs=1, fw_warmup_steps=2,
+               ada_t_init=1, ada_t_final=2, ada_delta_t=1)
+    run = prepare(cfg, toy_data(n_train=6 * 32))
     suffixes = {n.split(".layer.")[1].split(".", 1)[1] for n in run.method.layers}
-    assert suffixes <= {"attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o",
-                        "intermediate.dense", "output.dense"}
+    assert suffixes <= {"attention.attn.q", "attention.attn.k", "attention.attn.v",
+                        "attention.attn.o", "intermediate.dense", "output.dense"}
     if method == "fwrank":  # ranks from the pre-pass: a matrix may get none
         assert 0 < len(run.method.layers) <= 12
     else:
         assert len(run.method.layers) == (0 if method == "head" else 12)
     head = {n for n, p in run.model.named_parameters() if n.startswith("classifier.")}
     trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
-    assert head == {f"classifier.{m}.{w}" for m in ("dense", "out_proj") for w in ("weight", "bias")} <= trainable
+    want = {f"classifier.{m}.{w}" for m in ("dense", "out_proj") for w in ("weight", "bias")}
+    assert head == want <= trainable
     assert all("lora_" in n for n in trainable - head)
     n_all = sum(p.numel() for n, p in tiny_model("mpnet").named_parameters())
-    assert run.method.info["n_base_params"] == n_all - (16 * 16 + 16) - (16 * 2 + 2)  # less the head
+    # every parameter but the head's
+    assert run.method.info["n_base_params"] == n_all - (16 * 16 + 16) - (16 * 2 + 2)
     for step, batch in enumerate(run.epoch(0)):
         assert torch.isfinite(train_step(run, batch, step)[0])
-    assert [n for n, l in run.method.layers.items() if not l.lora_B.abs().sum() > 0] == []  # every adapter trained
+    untrained = [n for n, l in run.method.layers.items() if not l.lora_B.abs().sum() > 0]
+    assert untrained == []  # every adapter trained
 
 
 def test_max_length_counts_mpnets_positions_after_the_pad_id(tmp_path, tiny_mpnet):
-    """130 position embeddings, pad id 1: ids start at 2, so 128 tokens fit (as MPNet's and RoBERTa's 514 give 512)."""
+    """130 position embeddings, pad id 1: ids start at 2, so 128 tokens fit (as MPNet's and
+    RoBERTa's 514 give 512)."""
     prepare(tiny(tmp_path, model="mpnet", budget=10.0, max_length=128), toy_data())
-    with pytest.raises(ValueError, match="--max_length=129 exceeds mpnet's 128 positions: use at most 128"):
+    too_long = "--max_length=129 exceeds mpnet's 128 positions: use at most 128"
+    with pytest.raises(ValueError, match=too_long):
         prepare(tiny(tmp_path, model="mpnet", budget=10.0, max_length=129), toy_data())
 
 
@@ -277,7 +319,11 @@ def test_fisher_warmup_length_rule(T, K):
 def test_exactly_one_backward_per_step(tmp_path, monkeypatch):
     calls = []
     real = torch.Tensor.backward
-    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: (calls.append(1), real(self, *a, **k)))
+
+    def counted_backward(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+    monkeypatch.setattr(torch.Tensor, "backward", counted_backward)
     r = train(tiny(tmp_path, method="fwlora", fw_warmup_steps=3), toy_data())
     assert len(calls) == r["epochs"][-1]["steps"] == 16
 
@@ -293,7 +339,8 @@ def test_fwlora_and_l2lora_diagnostics(tmp_path):
 
 
 def test_every_adapter_method_records_its_per_matrix_delta_w(tmp_path):
-    """‖ΔW_m‖_F of every matrix, LoRA's and AdaLoRA's (with E) included, equal to the explicit product's norm."""
+    """‖ΔW_m‖_F of every matrix, LoRA's and AdaLoRA's (with E) included, equal to the explicit
+    product's norm."""
     cfg = tiny(tmp_path, method="adalora", epochs=1, save_adapters=True)
     r = train(cfg, toy_data())
     from safetensors.torch import load_file
@@ -307,7 +354,8 @@ def test_every_adapter_method_records_its_per_matrix_delta_w(tmp_path):
 
 
 def test_head_only_floor_trains_the_head_and_nothing_else(tmp_path):
-    """The `head` method: no adapter, the classification head (and BERT's pooler) trained as in every method."""
+    """The `head` method: no adapter, the classification head (and BERT's pooler) trained as in
+    every method."""
     from train import prepare
     run = prepare(tiny(tmp_path, method="head"), toy_data())
     trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
@@ -322,30 +370,42 @@ def test_adalora_run_prunes_to_target(tmp_path):
     assert ada["total_rank"] == ada["target_total_rank"] == budget["rank"] * 12
     assert budget["ada_init_rank"] > budget["rank"]  # it started larger and really pruned
     assert sum(ada["rank_pattern"].values()) == ada["total_rank"]
-    ffn = lambda n: n.endswith("intermediate.dense") or (n.endswith("output.dense") and "attention" not in n)
-    assert budget["adapter_params"] == sum(k * ((32 + 64 if ffn(n) else 32 + 32) + 1)  # d_in + d_out + 1
-                                           for n, k in ada["rank_pattern"].items())
+
+    def ffn(n):
+        ffn_out = n.endswith("output.dense") and "attention" not in n
+        return n.endswith("intermediate.dense") or ffn_out
+    pattern = ada["rank_pattern"]
+    per_rank = {n: (32 + 64 if ffn(n) else 32 + 32) + 1 for n in pattern}  # d_in + d_out + 1
+    assert budget["adapter_params"] == sum(k * per_rank[n] for n, k in pattern.items())
 
 
 @pytest.mark.slow
 def test_minilm_learns_real_sst2(tmp_path):
-    """The one real-model, real-data learning check: all-MiniLM-L6-v2 on the GLUE SST-2 copy in ./glue."""
-    r = train(Config(model="minilm", task="sst2", max_train=320, max_eval=200, epochs=2, lr=2e-3, budget=0.5,
-                     out_dir=str(tmp_path)))
+    """The one real-model, real-data learning check: all-MiniLM-L6-v2 on the GLUE SST-2 copy in
+    ./glue."""
+    cfg = Config(model="minilm", task="sst2", max_train=320, max_eval=200, epochs=2, lr=2e-3,
+                 budget=0.5, out_dir=str(tmp_path))
+    r = train(cfg)
     assert r["epochs"][-1]["train_loss"] < r["epochs"][0]["train_loss"]
     assert r["final"] >= 0.7 and r["epochs"][-1]["mcc"] > 0.3  # chance is 0.5 / MCC 0
 
 
 def test_fwrank_with_uniform_allocation_is_loras_run(tmp_path, monkeypatch):
-    """fwrank = pre-pass + plain LoRA at the allocated ranks: forced to uniform ranks it is LoRA's run exactly."""
+    """fwrank = pre-pass + plain LoRA at the allocated ranks: forced to uniform ranks it is LoRA's
+    run exactly."""
     import train as train_module
-    monkeypatch.setattr(train_module, "allocate_ranks", lambda I, costs, budget, r_min, r_max: [budget // sum(costs)] * len(costs))
+
+    def uniform(I, costs, budget, r_min, r_max):
+        return [budget // sum(costs)] * len(costs)
+    monkeypatch.setattr(train_module, "allocate_ranks", uniform)
     lora = train(tiny(tmp_path, method="lora", lora_dropout=0.1), toy_data())
     fwrank = train(tiny(tmp_path, method="fwrank", lora_dropout=0.1, fw_warmup_steps=3), toy_data())
-    assert fwrank["epochs"] == lora["epochs"]  # the pre-pass moved nothing and drew nothing from the RNG
+    # the pre-pass moved nothing and drew nothing from the RNG
+    assert fwrank["epochs"] == lora["epochs"]
     timing = fwrank["timing"]
     assert fwrank["budget"]["fw_prepass_steps"] == 3 and timing["buckets_ms_total"]["prepass"] > 0
-    assert timing["train_ms_total"] == timing["buckets_ms_total"]["step"] + timing["buckets_ms_total"]["prepass"]
+    buckets = timing["buckets_ms_total"]
+    assert timing["train_ms_total"] == buckets["step"] + buckets["prepass"]
 
 
 def test_fwrank_allocates_from_the_prepass(tmp_path):
@@ -357,9 +417,11 @@ def test_fwrank_allocates_from_the_prepass(tmp_path):
     assert max(ranks, key=ranks.get) == max(I, key=I.get)
 
 
-def test_a_run_that_cannot_write_its_result_leaves_an_error_file_and_no_broken_file(tmp_path, monkeypatch, capsys):
-    """Bad case 5, a full disk: the result's write fails half-way; no temp or 0-byte file is left, the error names
-    the path, and a small .error.json records what was lost (the sweep redoes the run)."""
+def test_a_run_that_cannot_write_its_result_leaves_an_error_file_and_no_broken_file(
+        tmp_path, monkeypatch, capsys):
+    """Bad case 5, a full disk: the result's write fails half-way; no temp or 0-byte file is left,
+    the error names the path, and a small .error.json records what was lost (the sweep redoes the
+    run)."""
     import errno
     import record
     real = record.write_file
@@ -370,18 +432,22 @@ def test_a_run_that_cannot_write_its_result_leaves_an_error_file_and_no_broken_f
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(path, half if path.endswith("_s0.json") else write, mode)
     monkeypatch.setattr(record, "write_file", full_for_results)
-    with pytest.raises(OSError, match=r"could not write .*sst2_lora_b0.5_s0.json: No space left on device"):
+    no_space = r"could not write .*sst2_lora_b0.5_s0.json: No space left on device"
+    with pytest.raises(OSError, match=no_space):
         train(tiny(tmp_path, epochs=1), toy_data())
-    assert sorted(os.listdir(tmp_path)) == ["sst2_lora_b0.5_s0.error.json", "sst2_lora_b0.5_s0.partial.json"]
+    left = ["sst2_lora_b0.5_s0.error.json", "sst2_lora_b0.5_s0.partial.json"]
+    assert sorted(os.listdir(tmp_path)) == left
     assert all((tmp_path / f).stat().st_size > 0 for f in os.listdir(tmp_path))
     saved = json.load(open(tmp_path / "sst2_lora_b0.5_s0.error.json"))
-    assert saved["status"] == "error" and "No space left" in saved["error"] and saved["epochs"][0]["accuracy"] >= 0
+    assert saved["status"] == "error" and "No space left" in saved["error"]
+    assert saved["epochs"][0]["accuracy"] >= 0
     assert "the finished run's result was lost" in capsys.readouterr().err
 
 
 def test_a_finished_run_written_meanwhile_is_kept(tmp_path, monkeypatch):
-    """Unclear case: two identical train.py runs started 1 s apart. The later to finish does not replace the
-    earlier one's result: the no-overwrite check runs again just before the final write."""
+    """Unclear case: two identical train.py runs started 1 s apart. The later to finish does not
+    replace the earlier one's result: the no-overwrite check runs again just before the final
+    write."""
     import train as t
     real = t.evaluate
 
@@ -396,8 +462,8 @@ def test_a_finished_run_written_meanwhile_is_kept(tmp_path, monkeypatch):
 
 
 def test_a_method_without_a_build_branch_is_an_error(tmp_path, monkeypatch):
-    """A fork that adds a name to the method list but no branch in build_method gets an error naming it, not a
-    run of plain LoRA under the new name."""
+    """A fork that adds a name to the method list but no branch in build_method gets an error naming
+    it, not a run of plain LoRA under the new name."""
     import config
     import train
     monkeypatch.setattr(config, "METHODS", config.METHODS + ("mymethod",))
@@ -407,10 +473,10 @@ def test_a_method_without_a_build_branch_is_an_error(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("fails", ["sst2_lora_b0.5_s0.safetensors", "adapter_model.safetensors"])
 def test_bad_case_6_adapters_are_written_atomically(tmp_path, monkeypatch, capsys, fails):
-    """Issue 31, bad case 6: adapters were written with save_file on the final path; a full disk gave a
-    traceback, no .error.json and no 'its last epoch' line. Now they go through record.write_file (the
-    project's file; each file of the .peft folder, written into a temp folder renamed at the end): the
-    result's handling."""
+    """Issue 31, bad case 6: adapters were written with save_file on the final path; a full disk
+    gave a traceback, no .error.json and no 'its last epoch' line. Now they go through
+    record.write_file (the project's file; each file of the .peft folder, written into a temp folder
+    renamed at the end): the result's handling."""
     import errno
     import record
     real = record.write_file
@@ -459,7 +525,8 @@ def test_eval_adapters_scores_a_saved_folder_as_the_run_did(tmp_path, capsys):
     folder = f"--eval_adapters={tmp_path}/sst2_lora_b0.2_s0.peft"
     assert main(["--model=tiny-bert", "--max_eval=32", folder]) == 0
     said = capsys.readouterr().out
-    assert f"accuracy {final:.4f} on 32 dev examples; the run recorded {final:.4f} on its first 32" in said
+    scored = f"accuracy {final:.4f} on 32 dev examples; "
+    assert scored + f"the run recorded {final:.4f} on its first 32" in said
     assert main(["--model=tiny-bert", "--task=cola", folder]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "was saved for another setup: task 'sst2' (want 'cola')" in err
