@@ -1,6 +1,6 @@
 """The report's figures (matplotlib, returned for report.py to write): AdaLoRA's final ranks beside
-FW-LoRA's importance and penalty weights and fwrank's ranks, per layer and matrix (figure.png), and the
-dose-response: the metric and ‖ΔW‖ against λ (dose.png). They only read results.
+FW-LoRA's importance and penalty weights and fwrank's ranks, per layer and matrix (figure.png), and
+the dose-response: the metric and ‖ΔW‖ against λ (dose.png). They only read results.
 """
 import statistics
 from collections import defaultdict
@@ -41,7 +41,7 @@ def matrix_grid(names_values: dict) -> tuple[list[list[float]], int]:
 
 
 def pick_runs(runs: list[dict]) -> dict:
-    """{(task, method): run} of AdaLoRA, FW-LoRA, fwrank: the lowest seed, the budget nearest 0.2%."""
+    """{(task, method): run} for AdaLoRA, FW-LoRA and fwrank: lowest seed, budget nearest 0.2%."""
     pick, seed0 = {}, min(r["config"]["seed"] for r in runs)
     for r in runs:
         c = r["config"]
@@ -53,8 +53,8 @@ def pick_runs(runs: list[dict]) -> dict:
 
 
 def rank_figure(runs: list[dict]):
-    """Per task (pick_runs): AdaLoRA's final ranks, FW-LoRA's I_m and weights, and fwrank's allocated
-    ranks, per layer and matrix. None without an AdaLoRA and a FW-LoRA run of one task."""
+    """Per task (pick_runs): AdaLoRA's final ranks, FW-LoRA's I_m and weights, and fwrank's
+    allocated ranks, per layer and matrix. None without an AdaLoRA and a FW-LoRA run of one task."""
     pick = pick_runs(runs)
     tasks = sorted({t for t, _ in pick if (t, "adalora") in pick and (t, "fwlora") in pick})
     if not tasks:
@@ -100,7 +100,9 @@ def dose_figure(cells: dict, methods: tuple):
         for ax, (what, value, per_lora_seed) in zip(row, panels):
             for k, m in enumerate(methods):
                 pts = []
-                for lam, ms in ((lam, ms) for lam, ms in by_lam.items() if lam > 0 and len(ms.get(m, {})) > 1):
+                for lam, ms in by_lam.items():
+                    if lam <= 0 or len(ms.get(m, {})) < 2:  # LoRA's λ = 0; one seed: no interval
+                        continue
                     vals = [value(r, s) for s, r in ms[m].items() if s in lora or not per_lora_seed]
                     if vals:  # none where LoRA has no run of these seeds (no ratio to draw)
                         pts.append((lam, t_interval(vals)))

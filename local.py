@@ -1,8 +1,8 @@
 """The sweep's runs on this machine: processes forked from one server that imported torch,
-transformers and train.py once (multiprocessing's forkserver), each on a slot (its threads, its GPU),
-writing OUT/<run>.log; a line as each run starts and ends, with the time left weighed by the runs'
-steps; Ctrl-C, SIGTERM and SIGHUP stop every run in order (each records its .error.json). sweep.py
-decides which runs; this file runs them. It imports nothing above record.py.
+transformers and train.py once (multiprocessing's forkserver), each on a slot (its threads, its
+GPU), writing OUT/<run>.log; a line as each run starts and ends, with the time left weighed by the
+runs' steps; Ctrl-C, SIGTERM and SIGHUP stop every run in order (each records its .error.json).
+sweep.py decides which runs; this file runs them. It imports nothing above record.py.
 """
 import ctypes
 import dataclasses
@@ -30,7 +30,9 @@ def fail(msg: str, code: int = 2):
 
 def positive(env: dict, key: str, default: int) -> int:
     v = env.get(key) or str(default)
-    return int(v) if v.isdigit() and int(v) > 0 else fail(f"{key} must be a positive whole number, got {v!r}")
+    if not (v.isdigit() and int(v) > 0):
+        fail(f"{key} must be a positive whole number, got {v!r}")
+    return int(v)
 
 
 def left_s(done: list, waiting: list[int], running: list, n_slots: int) -> float:
@@ -49,8 +51,9 @@ class Slot:
 
 
 def slots(env: dict, on_gpu: bool) -> list[Slot]:
-    """CPU: JOBS runs at once (default one per core), the cores shared out as threads. GPU: RUNS_PER_GPU runs on
-    each GPU the scheduler handed out (the inherited CUDA_VISIBLE_DEVICES), else on each visible GPU."""
+    """CPU: JOBS runs at once (default one per core), the cores shared out as threads. GPU:
+    RUNS_PER_GPU runs on each GPU the scheduler handed out (the inherited CUDA_VISIBLE_DEVICES),
+    else on each visible GPU."""
     ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     jobs, per = positive(env, "JOBS", ncpu), positive(env, "RUNS_PER_GPU", 1)
     if not on_gpu and jobs > ncpu:  # allowed (a run waiting on I/O), but the runs then share cores
@@ -66,10 +69,11 @@ def slots(env: dict, on_gpu: bool) -> list[Slot]:
 
 
 def worker(entry: str, argv: list, log: str, slot: Slot) -> None:
-    """One run, forked from the import server: it dies with the sweep, writes its own log, uses its slot's threads
-    and GPU, and exits with train.py's (or bench.py's) exit code."""
-    # The server ends when no one holds its "alive" pipe: the sweep, and (unless they close it) its runs. Closed
-    # here, the server ends with the sweep, and PR_SET_PDEATHSIG sends this run SIGTERM then, kill -9 included.
+    """One run, forked from the import server: it dies with the sweep, writes its own log, uses its
+    slot's threads and GPU, and exits with train.py's (or bench.py's) exit code."""
+    # The server ends when no one holds its "alive" pipe: the sweep, and (unless they close it) its
+    # runs. Closed here, the server ends with the sweep, and PR_SET_PDEATHSIG sends this run SIGTERM
+    # then, kill -9 included.
     os.close(multiprocessing.forkserver._forkserver._forkserver_alive_fd)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)
@@ -78,10 +82,13 @@ def worker(entry: str, argv: list, log: str, slot: Slot) -> None:
     os.environ["OMP_NUM_THREADS"] = str(slot.threads)
     torch.set_num_threads(slot.threads)
     quiet_locks()
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)  # append: a finished run's log is never cut
-    os.dup2(fd, 1), os.dup2(fd, 2)
+    # append: a finished run's log is never cut
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
     sys.stdout.reconfigure(line_buffering=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the server ignores Ctrl-C; a run stops on both, saying so
+    # the server ignores Ctrl-C; a run stops on both, saying so
+    for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.default_int_handler)
     sys.exit(importlib.import_module(entry).main(argv))
 
@@ -94,7 +101,8 @@ def quiet_locks() -> None:
     tqdm.tqdm.set_lock(threading.RLock())
 
 
-STOP = []  # set by Ctrl-C, SIGTERM or SIGHUP; acted on between process starts, never in the middle of one
+# Set by Ctrl-C, SIGTERM or SIGHUP; acted on between process starts, never in the middle of one.
+STOP = []
 
 
 def stop(*_):
@@ -102,9 +110,9 @@ def stop(*_):
 
 
 def run_local(out: str, todo: list, jobs: list[Slot], steps: dict, timing: list) -> list[str]:
-    """The runs to do ([(state, name, train.py args)]) on the slots, then the timing ([(task, bench.py
-    args)]); returns what failed. Stopped: every run records its .error.json (SIGTERM), and the sweep
-    exits 130. `steps`, {name: optimiser steps}, weigh the time left."""
+    """The runs to do ([(state, name, train.py args)]) on the slots, then the timing ([(task,
+    bench.py args)]); returns what failed. Stopped: every run records its .error.json (SIGTERM),
+    and the sweep exits 130. `steps`, {name: optimiser steps}, weigh the time left."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["train", "bench", "transformers.models.bert.modeling_bert",
                                 "transformers.models.roberta.modeling_roberta",
@@ -147,9 +155,11 @@ def run_local(out: str, todo: list, jobs: list[Slot], steps: dict, timing: list)
             p.join()
             free.append(slot)
             if k == 0:  # the timing step
-                failed.extend([f"{name} (see {out}/{name}.log)"] * bool(p.exitcode))
+                if p.exitcode:
+                    failed.append(f"{name} (see {out}/{name}.log)")
                 continue
-            r = read_result(os.path.join(out, name + ".json"), warn=False) if p.exitcode == 0 else None
+            result = os.path.join(out, name + ".json")
+            r = read_result(result, warn=False) if p.exitcode == 0 else None
             if r:
                 took.append((time.time() - t0, steps[name]))
                 now = [(time.time() - t, steps[n]) for _, _, n, _, t, _ in running.values()]
@@ -162,8 +172,9 @@ def run_local(out: str, todo: list, jobs: list[Slot], steps: dict, timing: list)
                 continue
             failed.append(name)
             err = os.path.join(out, name + ".error.json")
-            if p.exitcode < 0 and not os.path.exists(err):  # killed: the run could not say so itself
-                write_json(err, {"config": dict(a[2:].split("=", 1) for a in args), "status": "error",
+            if p.exitcode < 0 and not os.path.exists(err):  # killed: the run could not say so
+                config = dict(a[2:].split("=", 1) for a in args)
+                write_json(err, {"config": config, "status": "error",
                                  "error": f"killed by signal {-p.exitcode}", "epochs": []})
             print(f"[{k}/{len(todo)}] {name} FAILED (exit {p.exitcode}): see {out}/{name}.log")
 
@@ -171,7 +182,8 @@ def run_local(out: str, todo: list, jobs: list[Slot], steps: dict, timing: list)
         if free and k < len(todo):
             k, slot = k + 1, free.pop(0)
             start("train", todo[k - 1][2], todo[k - 1][1], slot, k)
-            print(f"[{k}/{len(todo)}] {todo[k - 1][1]} started" + f" on GPU {slot.gpu}" * (slot.gpu is not None))
+            where = f" on GPU {slot.gpu}" if slot.gpu is not None else ""
+            print(f"[{k}/{len(todo)}] {todo[k - 1][1]} started{where}")
         else:
             reap()
     if not STOP:

@@ -16,7 +16,7 @@ import time
 
 
 def refuse(msg: str, code: int) -> None:
-    """Stop before any work, saying what to do (exit 2: bad input; 1: a failure), as sweep.py does."""
+    """Stop before any work, saying what to do (exit 2: bad input, 1: a failure), like sweep.py."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
 
@@ -58,12 +58,12 @@ def job_scripts(out: str, runs: list, timing: list) -> dict[str, str]:
 
 
 def submit(out: str, profile: str, runs: list, timing: list, env: dict) -> int:
-    """runs: [(name, train.py args)] still to do; timing: [(log path, bench.py args)]. Submits the array,
-    then the end job after it; a refusal by SLURM cancels what was submitted and leaves no script
-    behind (exit 1)."""
+    """runs: [(name, train.py args)] still to do; timing: [(log path, bench.py args)]. Submits the
+    array, then the end job after it; a refusal by SLURM cancels what was submitted and leaves no
+    script behind (exit 1)."""
     if not runs and not timing:
-        print(f"nothing to submit: every run of this sweep has its result in {out}, so the table is "
-              f"complete ({sys.executable} report.py {out} prints it)")
+        print(f"nothing to submit: every run of this sweep has its result in {out}, so the table "
+              f"is complete ({sys.executable} report.py {out} prints it)")
         return 0
     d, stamp = os.path.join(out, "slurm"), time.strftime("%Y%m%d-%H%M%S")
     os.makedirs(d, exist_ok=True)

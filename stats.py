@@ -1,7 +1,7 @@
-"""The statistics the report stands on, as pure functions of result dicts and lists (tests give them
-hand-worked values): the paired t-interval over seeds (the table's intervals and its verdict), the
-paired bootstrap over seeds × dev examples (the secondary interval), Spearman's rank correlation, and
-a run's whole-adapter ‖ΔW‖.
+"""The statistics the report stands on, as pure functions of result dicts and lists (tests give
+them hand-worked values): the paired t-interval over seeds (the table's intervals and its verdict),
+the paired bootstrap over seeds × dev examples (the secondary interval), Spearman's rank
+correlation, and a run's whole-adapter ‖ΔW‖.
 """
 import statistics
 
@@ -25,9 +25,9 @@ def t_interval(d: list[float]) -> tuple[float, float, float, int, int]:
 
 def paired_bootstrap(a: list[dict], b: list[dict], n_boot: int = 2000,
                      seed: int = 0) -> tuple[float, float, float]:
-    """Difference of the mean final-epoch metric, a - b, and its 95% interval: a paired bootstrap over
-    seeds and dev examples (Dror et al. 2018). a[i] and b[i] share seed i (same data order and init);
-    each draw resamples the seeds and the dev examples, the same ones for both methods."""
+    """Difference of the mean final-epoch metric, a - b, and its 95% interval: a paired bootstrap
+    over seeds and dev examples (Dror et al. 2018). a[i] and b[i] share seed i (same data order and
+    init); each draw resamples the seeds and the dev examples, the same ones for both methods."""
     metric = a[0]["metric"]
     labels = torch.tensor(a[0]["dev_labels"])
     P = {k: torch.tensor([r["epochs"][-1]["preds"] for r in runs])  # seeds × N

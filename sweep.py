@@ -30,11 +30,12 @@ from record import (IGNORED, METHODS, check_writable, differ, parse_args, precis
                     resolved, run_name, timing_file, write_file)
 from config import Config, check_config, resolve_precision
 
-SWEEP_SETS = {"task": "TASKS", "method": "METHODS", "budget": "BUDGETS", "seed": "SEEDS", "out_dir": "OUT"}
+SWEEP_SETS = {"task": "TASKS", "method": "METHODS", "budget": "BUDGETS", "seed": "SEEDS",
+              "out_dir": "OUT"}
 
 
 def axis(env: dict, key: str, default: str = "") -> list[str]:
-    """A sweep axis: the user's KEY, else the profile's DEF_KEY, else `default`; [""] means "not swept"."""
+    """A sweep axis: the user's KEY, else the profile's DEF_KEY, else `default`; [""]: not swept."""
     return (env.get(key) or env.get("DEF_" + key) or default).split() or [""]
 
 
@@ -52,11 +53,12 @@ def not_swept(what: str, args: list[str]) -> list[str]:
 class Sweep:
     profile: str
     out: str
-    runs: list       # [(run name, train.py arguments)], in the order they run: LoRA first in each group
+    runs: list       # [(run name, train.py arguments)] in the order they run, LoRA first in a group
     timed: list      # methods timed side by side at the end
     task_args: dict  # task -> the arguments its runs share (profile, then the user's overrides)
     slurm: bool
-    method_args: dict = dataclasses.field(default_factory=dict)  # (task, method) -> its own values (tuned lr)
+    # (task, method) -> its own values (a tuned lr)
+    method_args: dict = dataclasses.field(default_factory=dict)
 
 
 def settings(argv: list[str], env: dict) -> Sweep:
@@ -64,11 +66,11 @@ def settings(argv: list[str], env: dict) -> Sweep:
     on_slurm = env.get("SLURM") == "1" or "--slurm" in argv
     overrides = [a for a in argv if a != "--slurm"]
     if on_slurm and not shutil.which("sbatch"):
-        fail("--slurm needs SLURM, and sbatch is not on PATH: run this on the cluster's login node (or load its "
-             "slurm module), or drop --slurm to run here")
+        fail("--slurm needs SLURM, and sbatch is not on PATH: run this on the cluster's login node "
+             "(or load its slurm module), or drop --slurm to run here")
     if on_slurm and env.get("PROFILE") == "auto":
-        fail("with --slurm, name the profile first (bash run_all.sh paper --slurm): this machine's GPU says "
-             "nothing about the compute nodes'")
+        fail("with --slurm, name the profile first (bash run_all.sh paper --slurm): this machine's "
+             "GPU says nothing about the compute nodes'")
     not_swept("the command line", overrides)
     try:
         parse_args(overrides, Config)  # each is a Config field with a value of its type
@@ -76,14 +78,16 @@ def settings(argv: list[str], env: dict) -> Sweep:
         if e.code:  # --help printed the fields: exit 0
             fail(str(e))
         raise
-    tasks, methods = (env.get("TASKS") or "sst2 cola").split(), (env.get("METHODS") or env.get("DEF_METHODS") or
-                                                                 "all").split()
+    tasks = (env.get("TASKS") or "sst2 cola").split()
+    methods = (env.get("METHODS") or env.get("DEF_METHODS") or "all").split()
     methods = list(METHODS) if methods == ["all"] else methods
     timed = env.get("TIMED", env.get("DEF_TIMED", "")).replace(",", " ").split()
-    for what, names, known in (("TASKS", tasks, TASKS), ("METHODS", methods, METHODS), ("TIMED", timed, METHODS)):
+    lists = (("TASKS", tasks, TASKS), ("METHODS", methods, METHODS), ("TIMED", timed, METHODS))
+    for what, names, known in lists:
         bad = [n for n in names if n not in known]
         if bad or not names and what != "TIMED":
-            fail(f"{what}: unknown {', '.join(map(repr, bad)) or 'empty list'}; choose from {', '.join(known)}")
+            fail(f"{what}: unknown {', '.join(map(repr, bad)) or 'empty list'}; "
+                 f"choose from {', '.join(known)}")
     if timed and "lora" not in timed:
         fail(f"TIMED={','.join(timed)}: the timing gives each method as a ratio to LoRA's, so it "
              f"needs lora: TIMED=lora,{','.join(timed)} (or TIMED= for none)")
@@ -101,11 +105,13 @@ def settings(argv: list[str], env: dict) -> Sweep:
         key = f"{task.upper()}_ARGS"
         model = f"--model={env.get('MODEL', 'minilm')}"
         profile = [model] + not_swept(key, env.get(key, "").split())
-        task_args[task] = [a for a in profile if a.split("=")[0] not in given] + overrides + [f"--task={task}"]
-        for budget, seed, lr, m in itertools.product(axis(env, "BUDGETS", "0.2"), axis(env, "SEEDS", "0"),
-                                                     axis(env, "LRS"), methods):
-            for lam in axis(env, "LAMBDAS") if m in WEIGHTING else [""]:  # λ: the penalised methods' axis
-                # A method's own (tuned) values; the user's overrides and the swept axes win over them.
+        kept = [a for a in profile if a.split("=")[0] not in given]
+        task_args[task] = kept + overrides + [f"--task={task}"]
+        grid = itertools.product(axis(env, "BUDGETS", "0.2"), axis(env, "SEEDS", "0"),
+                                 axis(env, "LRS"), methods)
+        for budget, seed, lr, m in grid:
+            for lam in axis(env, "LAMBDAS") if m in WEIGHTING else [""]:  # penalised methods only
+                # A method's own (tuned) values: the user's overrides and the swept axes beat them.
                 key = f"{task.upper()}_{m.upper()}_ARGS"
                 own = method_args[(task, m)] = [a for a in not_swept(key, env.get(key, "").split())
                                                 if a.split("=")[0] not in given]
@@ -138,9 +144,9 @@ def same_run(first: list[str], then: list[str], name: str) -> str:
 
 
 def plan(s: Sweep) -> list[tuple[str, str, list]]:
-    """[(state, name, args)]: 'done' where OUT holds a finished result of exactly this config (made on this kind
-    of device, from the same data files), else 'todo'. A corrupt or incomplete result is moved to
-    NAME.corrupt and redone; one made with another config stops the sweep before any work."""
+    """[(state, name, args)]: 'done' where OUT holds a finished result of exactly this config (made
+    on this kind of device, from the same data files), else 'todo'. A corrupt or incomplete result
+    is moved to NAME.corrupt and redone; one of another config stops the sweep before any work."""
     out, clash, kind = [], [], "cuda" if torch.cuda.is_available() else "cpu"
     for name, args in s.runs:
         cfg, path = parse_args(args, Config), os.path.join(s.out, name + ".json")
@@ -151,11 +157,12 @@ def plan(s: Sweep) -> list[tuple[str, str, list]]:
         r = read_result(path) if os.path.exists(path) else None
         if os.path.exists(path) and (r is None or r["status"] != "ok"):
             os.replace(path, os.path.join(s.out, name + ".corrupt"))
-            print(f"warning: {path} is not a finished result: moved to {name}.corrupt, the run is redone",
-                  file=sys.stderr)
+            print(f"warning: {path} is not a finished result: moved to {name}.corrupt, the run is "
+                  "redone", file=sys.stderr)
         elif r:
-            diff = [f"{k} {r['config'].get(k, '(absent)')!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-                    if k not in IGNORED + ("precision",) and r["config"].get(k, "(absent)") != v]
+            was = lambda k: r["config"].get(k, "(absent)")
+            diff = [f"{k} {was(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+                    if k not in IGNORED + ("precision",) and was(k) != v]
             made_on = str(r["environment"].get("device", "unknown")).split(":")[0]
             now = kind if cfg.device == "auto" else cfg.device
             if made_on != now:
@@ -165,16 +172,18 @@ def plan(s: Sweep) -> list[tuple[str, str, list]]:
                 if seen.get(f) != digest:  # the data was edited, or fixed since: another run
                     there = seen[f][:12] if f in seen else "(not recorded)"
                     diff.append(f"data {f} {there} -> {digest[:12]}")
-            made_in, now_in = precision_of(r), resolve_precision(cfg.precision, now)[0]  # resolved, not as asked
+            made_in = precision_of(r)  # resolved, not as asked
+            now_in = resolve_precision(cfg.precision, now)[0]
             if made_in != now_in:
                 diff.append(f"precision {made_in} -> {now_in} (--precision={made_in} continues it)")
             if diff:
                 clash.append(f"  {name}.json: " + ", ".join(diff))
         out.append(("done" if r else "todo", name, args))
     if clash:
-        fail(f"{s.out} holds results made with another configuration (field: there -> now):\n" + "\n".join(clash[:8])
-             + (f"\n  ... and {len(clash) - 8} more" if len(clash) > 8 else "") + "\nNothing was run. Use another "
-             f"folder (OUT=...) for this configuration, or move those results out of {s.out} to redo them.")
+        more = f"\n  ... and {len(clash) - 8} more" if len(clash) > 8 else ""
+        fail(f"{s.out} holds results made with another configuration (field: there -> now):\n"
+             + "\n".join(clash[:8]) + more + "\nNothing was run. Use another folder (OUT=...) for "
+             f"this configuration, or move those results out of {s.out} to redo them.")
     return out
 
 
@@ -184,15 +193,18 @@ def preflight(s: Sweep, todo: list) -> dict:
     cfgs = [parse_args(a, Config) for _, _, a in todo] or [parse_args(a, Config) for _, a in s.runs]
     try:
         for model in sorted({c.model for c in cfgs}):
-            with torch.device("meta" if model in RANDOM_MODELS else "cpu"):  # a random model: its shapes only
+            # a random model: its shapes only
+            with torch.device("meta" if model in RANDOM_MODELS else "cpu"):
                 m = load_model(model)[0]
             shapes, ranks = [tuple(m.get_submodule(n).weight.shape) for n in target_names(m)], {}
             for b in sorted({c.budget for c in cfgs}):
                 ranks.setdefault(rank_for_budget(b, count_base_params(m), shapes), []).append(b)
-            print(f"budgets on {model}: " + ", ".join(f"{b:g}% -> rank {r}" for r, bs in ranks.items() for b in bs))
+            listed = ", ".join(f"{b:g}% -> rank {r}" for r, bs in ranks.items() for b in bs)
+            print(f"budgets on {model}: {listed}")
             for bs in (bs for bs in ranks.values() if len(bs) > 1):
-                fail(f"budgets {' and '.join(f'{b:g}%' for b in bs)} give the same rank on {model}, so their runs "
-                     "would repeat each other: keep one of them in BUDGETS")
+                shared = " and ".join(f"{b:g}%" for b in bs)
+                fail(f"budgets {shared} give the same rank on {model}, so their runs would repeat "
+                     "each other: keep one of them in BUDGETS")
         pairs = sorted({(c.task, c.glue_dir) for c in cfgs})
         sizes = {(task, d): len(load_glue(task, d)["train"][1]) for task, d in pairs}
     except (OSError, ValueError, RuntimeError) as e:
@@ -208,7 +220,8 @@ def run_steps(cfg, n_train: int) -> int:
 
 
 def lock(out: str):
-    """One sweep per folder: the kernel's lock, dropped when the sweep dies (kill -9 too). Keep the file open."""
+    """One sweep per folder: the kernel's lock, dropped when the sweep dies (kill -9 too). Keep
+    the file open."""
     path, pid_file = os.path.join(out, ".lock"), os.path.join(out, ".lock.pid")
     try:
         f = open(path, "a")
@@ -218,7 +231,8 @@ def lock(out: str):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         pid = open(pid_file).read().strip() if os.path.isfile(pid_file) else "?"
-        fail(f"another sweep (pid {pid}) is running on {out}; wait for it, stop it, or use another OUT", 1)
+        fail(f"another sweep (pid {pid}) is running on {out}; wait for it, stop it, or use another "
+             "OUT", 1)
     try:
         write_file(pid_file, lambda p: p.write(f"{os.getpid()}\n"))  # atomic: never left empty
     except OSError as e:
@@ -270,7 +284,8 @@ def timed_same(path: str, want: dict, kind: str) -> bool:
 
 def main(argv: list[str], env: dict | None = None) -> int:
     env = dict(os.environ if env is None else env)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # set here, so a sweep started with & stops too
+    # set here, so a sweep started with & stops too
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
     s = settings(argv, env)
     held = lock(s.out)  # noqa: F841  (held until the sweep exits)
@@ -280,8 +295,9 @@ def main(argv: list[str], env: dict | None = None) -> int:
     sizes = preflight(s, todo)
     flags = [a for a in argv if a.split("=")[0] in ("--overwrite", "--save_adapters")]  # =1 too
     redo = " and ".join(a for a in flags if getattr(parse_args([a], Config), a[2:].split("=")[0]))
+    why = f"; {redo} does not redo a finished run: move its result out of OUT" if redo else ""
     for _, name, _ in (x for x in planned if x[0] == "done"):
-        print(f"skip {name} (done)" + f"; {redo} does not redo a finished run: move its result out of OUT" * bool(redo))
+        print(f"skip {name} (done){why}")
     if s.slurm:
         logs = [(timing_file(s.out, task, ".log"), args) for task, args in timing(s)]
         return slurm.submit(s.out, s.profile, [(n, a) for _, n, a in todo], logs, env)
