@@ -5,7 +5,7 @@
 #   bash run_all.sh cpu              # offline: MiniLM, the GLUE copy in ./glue, capped data (the main table)
 #   bash run_all.sh dose             # FW-LoRA, uniform L2 and fwmax at λ = 1e-3 and 1e-2, beside it
 #   bash run_all.sh tune             # the lr grid on held-out train (seed 0) that chose the cpu profile's lrs
-#   bash run_all.sh paper --lr=3e-4  # any train.py Config field overrides the profile for the whole sweep
+#   bash run_all.sh paper --lr=3e-4  # any Config field (config.py) overrides the profile for the whole sweep
 #   bash run_all.sh smoke            # tiny random model, a minute: checks the plumbing (tests use it)
 #   bash run_all.sh paper --slurm    # or SLURM=1: the same runs as one SLURM job array, then a report job
 #   bash run_all.sh --help           # this, then every train.py field

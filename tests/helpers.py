@@ -51,7 +51,7 @@ def lora_model(kind: str = "bert", r: int = 2, alpha: float = 4.0, b_std: float 
 
 
 def tiny(out_dir, **kw):
-    """A train.Config on tiny-bert (hidden 32, FFN 64, 2 layers: 896 adapter parameters per unit of
+    """A config.Config on tiny-bert (hidden 32, FFN 64, 2 layers: 896 adapter parameters per unit of
     rank), 16 steps on toy_data()."""
     from train import Config
     base = dict(model="tiny-bert", task="sst2", epochs=2, lr=2e-3, budget=0.5,
