@@ -38,8 +38,8 @@ def test_gpu_acceptance_check_in_tiny_cpu_mode(tmp_path, monkeypatch, capsys):
     assert "fisher" in t["fwlora_warmup_probe32"]["buckets_ms_per_step"]
     assert "penalty" in t["fwlora_penalised"]["buckets_ms_per_step"]
     assert "allocator" in t["adalora_masking"]["buckets_ms_per_step"]
-    floor = saved["gemm_floor"]  # tiny-bert: (32, 32) and FFN (32, 64), (64, 32), each forward and backward
-    assert len(floor["gflop_per_s_by_shape"]) == 6 and floor["gemm_ms_per_step"] > 0
+    floor = saved["gemm_floor"]  # tiny-bert: T x 32 x 32, and the FFN's T x 32 x 64 and T x 64 x 32 both ways
+    assert len(floor["gflop_per_s_by_shape"]) == 3 and floor["gemm_ms_per_step"] > 0
     assert saved["lora_top_ops_ms"] and saved["precision"] == "bf16"
     out = capsys.readouterr().out
     assert "skip (tiny CPU mode): a CUDA device" in out and "FAIL" not in out
