@@ -175,9 +175,11 @@ class FisherProxy:
         z = None if self.estimator == "exact" else torch.randint(
             0, 2, (self.d_out, self.n_probes), generator=self.gen, device=self.F.device,
             dtype=torch.float32).mul_(2).sub_(1).to(dt)  # ±1
-        rows = {}  # each input as T × d_in in dt, cast once: q, k and v share theirs
+        rows = {}  # id of each distinct input -> (it as T × d_in in dt, cast once; the layers it feeds)
         for i, x in enumerate(self.x):
-            rows.setdefault(id(x), (x.reshape(-1, x.shape[-1]).to(dt), []))[1].append(i)
+            if id(x) not in rows:
+                rows[id(x)] = (x.reshape(-1, x.shape[-1]).to(dt), [])
+            rows[id(x)][1].append(i)
         grads = [g.reshape(-1, g.shape[-1]).to(dt) for g in self.g]  # T × d_out each
         sq = self._by_group(rows, grads, z) if self.batched else self._by_input(rows, grads, z)
         self.x, self.g = [None] * len(self.layers), [None] * len(self.layers)
