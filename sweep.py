@@ -22,6 +22,7 @@ import sys
 import torch
 
 import slurm
+from bench import method_config
 from local import STOP, fail, run_local, slots, stop
 from data import RANDOM_MODELS, TASKS, load_glue, load_model, provenance
 from lora import count_base_params, rank_for_budget, target_names
@@ -249,12 +250,10 @@ def timing(s: Sweep) -> list[tuple[str, list]]:
     for i, task in enumerate(s.task_args if s.timed else ()):
         order = s.timed[i % len(s.timed):] + s.timed[:i % len(s.timed)]
         args = [*s.task_args[task], f"--out_dir={s.out}", *s.runs[0][1][-2:]]
-        want = {}  # what bench.py makes of "adalora:lr=…": the shared arguments, then its own
-        for m in order:
-            own = s.method_args.get((task, m), [])
-            shared = [a for a in args if a.split("=")[0] not in {b.split("=")[0] for b in own}]
-            cfg = parse_args(shared + own + [f"--method={m}"], Config)
-            want[m + "".join(f":{a[2:]}" for a in own)] = dataclasses.asdict(cfg)
+        shared, want = parse_args(args, Config), {}
+        for m in order:  # "adalora:lr=…": a method's own values, read as bench.py reads them
+            spec = m + "".join(f":{a[2:]}" for a in s.method_args.get((task, m), []))
+            want[spec] = dataclasses.asdict(method_config(shared, spec))
         files = sorted(glob.glob(timing_file(glob.escape(s.out), f"{task}_*")))
         keep = [f for f in files if timed_same(f, want, kind)][:1]
         for f in (f for f in files if f not in keep):
