@@ -19,8 +19,8 @@ from types import SimpleNamespace
 from data import TASKS
 from figures import dose_figure, rank_figure, save_png
 from fisher import LAMBDA, WEIGHTING
-from record import (METHODS, NAMES, SHORT, TIMING_PREFIX, differ, method_owns, read_result,
-                    resolved, run_name, timing_file, train_ms, write_file)
+from record import (METHODS, NAMES, SHORT, TIMING_PREFIX, differ, method_owns, plain_output,
+                    read_result, resolved, run_name, timing_file, train_ms, write_file)
 from stats import delta_w_norm, paired_bootstrap, t_interval
 
 
@@ -417,7 +417,7 @@ def data_source(runs: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(errors="backslashreplace")  # λ, ± in an ASCII locale: escaped
+    plain_output()  # λ, ± in an ASCII locale: escaped
     try:
         if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):  # the usage
             print(__doc__)

@@ -27,8 +27,8 @@ from local import STOP, fail, run_local, slots, stop
 from data import RANDOM_MODELS, TASKS, load_glue, load_model, provenance
 from lora import count_base_params, rank_for_budget, target_names
 from fisher import WEIGHTING
-from record import (IGNORED, METHODS, check_writable, differ, parse_args, precision_of, read_result,
-                    resolved, run_name, timing_file, write_file)
+from record import (IGNORED, METHODS, check_writable, differ, parse_args, plain_output, precision_of,
+                    read_result, resolved, run_name, timing_file, write_file)
 from config import Config, check_config, resolve_precision
 
 SWEEP_SETS = {"task": "TASKS", "method": "METHODS", "budget": "BUDGETS", "seed": "SEEDS",
@@ -331,7 +331,8 @@ def report_step(out: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")  # now, in any locale
+    plain_output()  # in any locale
+    sys.stdout.reconfigure(line_buffering=True)
     try:
         sys.exit(main(sys.argv[1:]))
     except BrokenPipeError:  # `| head`: the reader has gone; stop quietly, as a SIGPIPE would
