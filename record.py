@@ -9,6 +9,7 @@ folder (adapters.py). Every file is written atomically (a temp file, then a rena
 a full disk never leaves a half-written result, table, figure or adapter where a good one was.
 """
 import dataclasses
+import hashlib
 import inspect
 import json
 import os
@@ -238,6 +239,21 @@ def write_json(path: str, obj: dict) -> None:
     write_file(path, lambda f: json.dump(obj, f, indent=1))
 
 
+# The modules whose code can change a run's result (not the sweep's, the report's or the tests'):
+# a result records their digest, so a table can say its runs come from the code beside it.
+RUN_CODE = ("adalora", "adapters", "config", "data", "evaluate", "fisher", "lora", "mpnet",
+            "record", "train")
+
+
+def code_digest(here: str = os.path.dirname(os.path.abspath(__file__))) -> str:
+    """sha256 (first 12 hex) over RUN_CODE's files as they are on disk, in that order."""
+    h = hashlib.sha256()
+    for name in RUN_CODE:
+        with open(os.path.join(here, name + ".py"), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def environment(device: torch.device) -> dict:
     import transformers
     here = os.path.dirname(os.path.abspath(__file__))
@@ -248,7 +264,7 @@ def environment(device: torch.device) -> dict:
         commit = None
     cpu_name = platform.processor() or platform.machine()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name
-    return {"git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
+    return {"git_commit": commit, "code_sha256": code_digest(here), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "device": str(device),
             "threads": torch.get_num_threads(), "device_name": name, "cpu_count": os.cpu_count()}
 

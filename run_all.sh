@@ -2,9 +2,11 @@
 # Reproduce the comparison table: tasks × budgets × seeds × methods, one train.py run each, then report.py.
 #
 #   bash run_all.sh                  # paper profile if a GPU is at hand (roberta-base, or mpnet offline), else cpu
-#   bash run_all.sh cpu              # offline: MiniLM, the GLUE copy in ./glue, capped data (the main table)
+#   bash run_all.sh cpu              # offline: the base model (mpnet), bf16, capped data (the main table)
+#   bash run_all.sh controls         # fwmax, fwshuffle and fwrank at 0.2%, beside it (same folder)
 #   bash run_all.sh dose             # FW-LoRA, uniform L2 and fwmax at λ = 1e-3 and 1e-2, beside it
 #   bash run_all.sh tune             # the lr grid on held-out train (seed 0) that chose the cpu profile's lrs
+#   bash run_all.sh minilm           # the earlier MiniLM table (also minilm-dose, minilm-tune)
 #   bash run_all.sh paper --lr=3e-4  # any Config field (config.py) overrides the profile for the whole sweep
 #   bash run_all.sh smoke            # tiny random model, a minute: checks the plumbing (tests use it)
 #   bash run_all.sh paper --slurm    # or SLURM=1: the same runs as one SLURM job array, then a report job
@@ -73,23 +75,50 @@ AutoConfig.from_pretrained('roberta-base')" >/dev/null 2>&1; then
     SST2_ARGS="--device=cuda --fw_probes=32"; COLA_ARGS="--device=cuda --fw_probes=32"
     DEF_TIMED=lora,fwlora,adalora,fwrank
     SLURM_RUN="--gres=gpu:1 --cpus-per-task=4 --mem=32G"; SLURM_END=$SLURM_RUN ;;
-  cpu|dose|tune)  # MiniLM on 2 CPU cores, sized to rank the methods in about an hour (README: how it was chosen).
-          # One budget, 0.5% (rank 3): CoLA at rank 1 stayed below MCC 0.2. The lrs come from `tune` (held-out
-          # train, never dev; published/tune/table.md): LoRA's for every method but AdaLoRA, which has its own.
+  cpu|controls|dose|tune)  # the paper's table in miniature: the base model (mpnet) on 2 CPU cores under bf16.
+    # Budgets 0.1 / 0.2 / 0.5% give ranks 1 / 2 / 4. 2,000 seeded training examples, one epoch (63 steps),
+    # so a run costs ~1.5 min at 2 runs at once and the main table (150 runs) ~2 h (lab book: sizing).
+    # 32 probes: the Fisher gate passes at 16, 32 and 64 on the base model (published/mpnet).
+    # lrs from `tune` (held-out train, never dev; published/tune/table.md), one per method and task for
+    # every budget: alpha/r keeps the update's scale across ranks (Hu et al. 2021). LoRA's lr serves every
+    # method but AdaLoRA, which has its own.
+    MODEL=mpnet; DEF_BUDGETS="0.2"
+    SST2_ARGS="--max_train=2000 --epochs=1 --fw_probes=32 --lr=LORA_SST2"; SST2_ADALORA_ARGS="--lr=ADA_SST2"
+    COLA_ARGS="--max_train=2000 --epochs=1 --fw_probes=32 --lr=LORA_COLA"; COLA_ADALORA_ARGS="--lr=ADA_COLA"
+    # On SLURM: one thread per run, as here; a run's peak memory here was 1.8-2.7 GB.
+    SLURM_RUN="--cpus-per-task=1 --mem=6G"; SLURM_END="--cpus-per-task=2 --mem=12G"
+    case "$PROFILE" in
+      cpu)       # the main table: the floor, LoRA, AdaLoRA, FW-LoRA, uniform L2 at λ = 1e-4, 3 budgets, 5 seeds
+        DEF_SEEDS="0 1 2 3 4"; DEF_BUDGETS="0.1 0.2 0.5"; DEF_METHODS="head lora adalora fwlora l2lora"
+        DEF_TIMED=lora,fwlora,adalora,fwrank ;;
+      controls)  # FW-LoRA's other controls at 0.2%, in the main table's folder (one report holds both)
+        DEF_SEEDS="0 1 2 3 4"; DEF_METHODS="fwmax fwshuffle fwrank"; DEF_OUT=results/cpu; DEF_TIMED="" ;;
+      dose)      # λ from mild to strong beside the main table's 1e-4 (same folder, so one report holds both)
+        DEF_SEEDS="0 1 2"; DEF_METHODS="fwlora l2lora fwmax"; DEF_LAMBDAS="1e-3 1e-2"; DEF_OUT=results/cpu
+        DEF_TIMED="" ;;
+      tune)      # one grid for LoRA and AdaLoRA, seed 0, scored on 1,000 held-out training examples
+        SST2_ARGS="--max_train=2000 --epochs=1 --heldout=1000"
+        COLA_ARGS="--max_train=2000 --epochs=1 --heldout=1000"
+        SST2_ADALORA_ARGS=""; COLA_ADALORA_ARGS=""
+        DEF_SEEDS="0"; DEF_METHODS="lora adalora"; DEF_LRS="5e-4 1e-3 2e-3 5e-3 1e-2"; DEF_TIMED="" ;;
+    esac ;;
+  minilm|minilm-dose|minilm-tune)  # the earlier table: MiniLM on 2 CPU cores at one budget, fp32
+          # (published/minilm-cpu, published/minilm-tune). One budget, 0.5% (rank 3): CoLA at rank 1 stayed
+          # below MCC 0.2. The lrs come from minilm-tune: LoRA's for every method but AdaLoRA's own.
     # fp32: the committed tables' precision (auto is bf16 on a CPU with AMX/AVX512-BF16; MiniLM gains 5-23% there).
     MODEL=minilm; DEF_BUDGETS="0.5"
     SST2_ARGS="--max_train=6000 --epochs=1 --lr=2e-3 --precision=fp32"; SST2_ADALORA_ARGS="--lr=5e-3"
     COLA_ARGS="--epochs=2 --lr=1e-3 --precision=fp32"; COLA_ADALORA_ARGS="--lr=5e-3"
-    # On SLURM: one thread per run, as here; a run's peak memory here was 1.1-1.4 GB (published/cpu/*.json).
+    # On SLURM: one thread per run, as here; a run's peak memory here was 1.1-1.4 GB (published/minilm-cpu).
     SLURM_RUN="--cpus-per-task=1 --mem=4G"; SLURM_END="--cpus-per-task=2 --mem=8G"
     case "$PROFILE" in
-      cpu)   # the main table: the floor, LoRA, AdaLoRA, FW-LoRA and its controls at λ = 1e-4, 5 seeds
+      minilm)       # the floor, LoRA, AdaLoRA, FW-LoRA and its controls at λ = 1e-4, 5 seeds
         DEF_SEEDS="0 1 2 3 4"; DEF_METHODS="lora head adalora fwlora l2lora fwmax fwrank"
         DEF_TIMED=lora,fwlora,adalora,fwrank ;;
-      dose)  # λ from mild to strong beside the main table's 1e-4 (same folder, so one report holds both)
-        DEF_SEEDS="0 1 2"; DEF_METHODS="fwlora l2lora fwmax"; DEF_LAMBDAS="1e-3 1e-2"; DEF_OUT=results/cpu
+      minilm-dose)  # λ = 1e-3 and 1e-2 beside the main table's 1e-4, in its folder
+        DEF_SEEDS="0 1 2"; DEF_METHODS="fwlora l2lora fwmax"; DEF_LAMBDAS="1e-3 1e-2"; DEF_OUT=results/minilm
         DEF_TIMED="" ;;
-      tune)  # one grid for every method with an lr of its own, seed 0, scored on 1,000 held-out training examples
+      minilm-tune)  # one grid for every method with an lr of its own, seed 0, 1,000 held-out examples
         SST2_ARGS="--max_train=6000 --epochs=1 --heldout=1000 --precision=fp32"
         COLA_ARGS="--epochs=2 --heldout=1000 --precision=fp32"
         SST2_ADALORA_ARGS=""; COLA_ADALORA_ARGS=""
@@ -100,7 +129,8 @@ AutoConfig.from_pretrained('roberta-base')" >/dev/null 2>&1; then
     SST2_ARGS="--max_train=128 --max_eval=64 --epochs=2 --lr=2e-3"
     COLA_ARGS="--max_train=128 --max_eval=64 --epochs=2 --lr=2e-3"; DEF_TIMED=""
     SLURM_RUN="--cpus-per-task=1 --mem=2G"; SLURM_END=$SLURM_RUN ;;
-  *) echo "unknown profile '$PROFILE': use paper, cpu, dose, tune, smoke or nothing (auto)" >&2; exit 2 ;;
+  *) echo "unknown profile '$PROFILE': use paper, cpu, controls, dose, tune, minilm, minilm-dose," \
+       "minilm-tune, smoke or nothing (auto)" >&2; exit 2 ;;
 esac
 
 DEF_METHODS=${DEF_METHODS-}; DEF_LAMBDAS=${DEF_LAMBDAS-}; DEF_LRS=${DEF_LRS-}; DEF_OUT=${DEF_OUT-}
