@@ -90,9 +90,11 @@ AutoConfig.from_pretrained('roberta-base')" >/dev/null 2>&1; then
     case "$PROFILE" in
       cpu)       # the main table: the floor, LoRA, AdaLoRA, FW-LoRA, uniform L2 at λ = 1e-4, 3 budgets, 5 seeds
         DEF_SEEDS="0 1 2 3 4"; DEF_BUDGETS="0.1 0.2 0.5"; DEF_METHODS="head lora adalora fwlora l2lora"
+        DEF_TIMED="" ;;
+      controls)  # FW-LoRA's other controls at 0.2%, in the main table's folder (one report holds both),
+                 # and the methods' whole runs at 0.2% timed side by side (the timing takes the first budget)
+        DEF_SEEDS="0 1 2 3 4"; DEF_METHODS="fwmax fwshuffle fwrank"; DEF_OUT=results/cpu
         DEF_TIMED=lora,fwlora,adalora,fwrank ;;
-      controls)  # FW-LoRA's other controls at 0.2%, in the main table's folder (one report holds both)
-        DEF_SEEDS="0 1 2 3 4"; DEF_METHODS="fwmax fwshuffle fwrank"; DEF_OUT=results/cpu; DEF_TIMED="" ;;
       dose)      # λ from mild to strong beside the main table's 1e-4 (same folder, so one report holds both)
         DEF_SEEDS="0 1 2"; DEF_METHODS="fwlora l2lora fwmax"; DEF_LAMBDAS="1e-3 1e-2"; DEF_OUT=results/cpu
         DEF_TIMED="" ;;

@@ -10,7 +10,7 @@ import torch
 
 from record import metrics
 from report import main
-from stats import T975, paired_bootstrap, t_interval
+from stats import MARGIN, T95, T975, decide, paired_bootstrap, t_interval, tost
 
 N = 900  # dev examples
 
@@ -72,9 +72,10 @@ def test_report_tables_verdict_and_degenerate_runs(tmp_path):
     assert fw_vs_lora.count("**") == 2  # excludes 0
     fw_vs_l2 = next(l for l in text.splitlines() if l.startswith("| FW-LoRA − uniform L2 |"))
     assert "**" not in fw_vs_l2  # includes 0
-    assert "Does FW-LoRA beat LoRA? higher in 1, lower in 0, unresolved in 0 of 1 cells" in text
-    assert ("Does FW-LoRA beat the uniform-L2 control (same penalty, equal weights)? higher in 0, "
-            "lower in 0, unresolved in 1") in text
+    assert "- Does FW-LoRA beat LoRA? higher in 1 of 1 cells" in text
+    assert ("- Does FW-LoRA beat the uniform-L2 control (same penalty, equal weights)? "
+            "inconclusive in 1 of 1 cells") in text
+    assert "| FW-LoRA − uniform L2 | inconclusive: -0.7, 90% [-1.7, +0.3] |" in text
     assert "FW-LoRA 1.004" in text and "Fisher ranks 1.020" in text  # the pre-pass is training time
     assert "3 seeds of `minilm`" in text
     # no fwmax runs here
@@ -144,6 +145,29 @@ def test_t_quantiles_match_scipy():
     t = pytest.importorskip("scipy.stats").t
     assert len(T975) == 30
     assert all(abs(q - t.ppf(0.975, df)) < 5e-4 for df, q in enumerate(T975, start=1))
+    assert len(T95) == 30
+    assert all(abs(q - t.ppf(0.95, df)) < 5e-4 for df, q in enumerate(T95, start=1))
+
+
+def test_equivalence_test_and_verdict_by_hand():
+    """Hand-worked TOST cases, n = 5, t(0.95, 4) = 2.132, t(0.975, 4) = 2.776."""
+    # mean 0.001, sd sqrt(13e-6) = 0.0036056, se 0.0016125: 90% half 0.0034378 -> [-0.00244,
+    # +0.00444], inside ±0.01; 95% half 0.0044763 -> [-0.00348, +0.00548] holds 0.
+    d = [0.002, -0.004, 0.006, 0.000, 0.001]
+    lo, hi, inside = tost(d, 0.01)
+    assert inside and abs(lo + 0.0024378) < 1e-6 and abs(hi - 0.0044378) < 1e-6
+    assert decide(d, 0.01) == "equivalent within the margin"
+    # ×4: mean 0.004, 90% half 0.013751 -> [-0.00975, +0.01775] leaves the margin; 95% holds 0.
+    wide = [4 * x for x in d]
+    assert not tost(wide, 0.01)[2] and decide(wide, 0.01) == "inconclusive"
+    # mean 0.005, sd 0.00070711, se 0.00031623: 95% [+0.00412, +0.00588] excludes 0 and
+    # 90% [+0.00433, +0.00567] is inside ±0.01: resolved, yet smaller than the margin.
+    small = [0.004, 0.005, 0.006, 0.005, 0.005]
+    assert decide(small, 0.01) == "higher, within the margin"
+    # mean -0.03, se 0.0015811: 95% [-0.0344, -0.0256]; 90% [-0.0334, -0.0266] is outside ±0.02.
+    assert decide([-0.03, -0.025, -0.035, -0.03, -0.03], 0.02) == "lower"
+    assert decide([0.5], 0.01) == "inconclusive" and not tost([0.5], 0.01)[2]  # one seed: no test
+    assert MARGIN == {"sst2": 0.010, "cola": 0.020}  # fixed before the runs (stats.py says why)
 
 
 def test_dose_response_and_tuning_tables(tmp_path):
@@ -359,3 +383,44 @@ def test_matrix_grid_and_spearman_by_hand():
         matrix_grid({"bert.pooler.dense": 1.0})
     assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / 22.5 ** 0.5)
     assert spearman(torch.tensor([3.0, 1.0, 2.0]), [30, 10, 20]) == pytest.approx(1.0)  # tensors too
+
+
+def test_budget_axis_beside_the_hypothesis_and_the_code_line(capsys):
+    """The budget axis by hand: LoRA's per-seed change from 0.1% to 0.5% is [1, 2, 1, 1, 1] points:
+    mean 1.2, sd 0.44721, se 0.2; 95% ±0.5552 -> [+0.6, +1.8], 90% ±0.4264 -> [+0.8, +1.6]."""
+    from record import code_digest
+    from report import beside_hypothesis, budget_axis, by_cell, code_line
+    labels = torch.randint(0, 2, (N,), generator=torch.Generator().manual_seed(5))
+    runs = []
+    for budget, rank, finals in ((0.1, 1, [0.80, 0.81, 0.82, 0.80, 0.81]),
+                                 (0.2, 2, [0.80] * 5), (0.5, 4, [0.81, 0.83, 0.83, 0.81, 0.82])):
+        for s, f in enumerate(finals):
+            for m in ("lora", "head"):
+                r = fake_run(m, s, 0.8, labels, budget=budget)
+                r["final"], r["budget"]["rank"] = f if m == "lora" else 0.7, rank
+                runs.append(r)
+    text = budget_axis(by_cell(runs))
+    assert "accuracy (sst2) 0.5% − 0.1% (rank 4 − rank 1)" in text
+    assert "| LoRA | **+1.2 [+0.6, +1.8]** (5/5 > 0) (higher: +1.2, 90% [+0.8, +1.6]) |" in text
+    assert "| head" not in text  # one run at every budget: nothing to pair
+    side = beside_hypothesis(by_cell(runs), {"sst2": {"lora": 1.0}}, "mpnet")
+    assert "| LoRA | 93.1 | 80.0 | 55.0 | - | 1.00 | 1.000 / - |" in side
+    assert "| AdaLoRA | 94.3 | - | 57.8 | - | 1.12 | - / - |" in side
+    assert "Code: **30 of 30 runs from other code" in code_line(runs)  # none records a digest
+    assert "30 of 30 runs come from other code" in capsys.readouterr().err
+    for r in runs:
+        r["environment"] |= {"code_sha256": code_digest(), "git_commit": "abcdef0123"}
+    assert code_line(runs).startswith("Code: every run from the code in this checkout (digest")
+
+
+def test_code_digest_changes_with_any_file_that_makes_a_run(tmp_path):
+    import shutil
+    from record import RUN_CODE, code_digest
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in RUN_CODE:
+        shutil.copy(os.path.join(root, name + ".py"), tmp_path)
+    assert code_digest(str(tmp_path)) == code_digest()
+    for name in ("fisher", "train"):
+        with open(tmp_path / f"{name}.py", "a") as f:
+            f.write("\n")
+        assert code_digest(str(tmp_path)) != code_digest()
