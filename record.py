@@ -264,7 +264,8 @@ def environment(device: torch.device) -> dict:
         commit = None
     cpu_name = platform.processor() or platform.machine()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name
-    return {"git_commit": commit, "code_sha256": code_digest(here), "python": platform.python_version(), "torch": torch.__version__,
+    return {"git_commit": commit, "code_sha256": code_digest(here),
+            "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "device": str(device),
             "threads": torch.get_num_threads(), "device_name": name, "cpu_count": os.cpu_count()}
 

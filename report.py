@@ -258,7 +258,8 @@ def verdict(comp: dict, runs: list[dict], ratios: dict) -> str:
         if per:
             rows.append([f"{SHORT[a]} − {SHORT[b]}",
                          *(judged(per[c]["d"], c[0]) if c in per else "-" for c in cells)])
-    margins = " and ".join(f"±{100 * MARGIN[t]:.1f} {TASKS[t][1]} points on {t}"
+    points = {"sst2": "accuracy points on SST-2", "cola": "MCC points on CoLA"}
+    margins = " and ".join(f"±{100 * MARGIN[t]:.1f} {points[t]}"
                            for t in sorted({c[0] for c in cells}, key=lambda t: cell_key((t,))))
     lines = ["Verdict (written by report.py): **higher** or **lower** where the 95% paired "
              "t-interval above excludes 0; else **equivalent within the margin** where the "
@@ -347,8 +348,9 @@ def code_line(runs: list[dict]) -> str:
     other = len(runs) - digests[here]
     print(f"warning: {other} of {len(runs)} runs come from other code than this checkout's",
           file=sys.stderr)
+    seen = ", ".join(f"{d or 'not recorded'} × {k}" for d, k in digests.items())
     return f"Code: **{other} of {len(runs)} runs from other code than this checkout's** " \
-        f"(digests {', '.join(f'{d} × {k}' for d, k in digests.items())}; here {here})."
+        f"(digests {seen}; here {here}; commits {commits})."
 
 
 DOSE = ("fwlora", "l2lora", "fwmax")  # the hypothesis, its uniform and its sharper controls
