@@ -27,8 +27,9 @@ from local import STOP, fail, run_local, slots, stop
 from data import RANDOM_MODELS, TASKS, load_glue, load_model, provenance
 from lora import count_base_params, rank_for_budget, target_names
 from fisher import WEIGHTING
-from record import (IGNORED, METHODS, check_writable, differ, parse_args, plain_output, precision_of,
-                    read_result, resolved, run_name, timing_file, write_file)
+from record import (IGNORED, METHODS, check_writable, code_digest, differ, parse_args,
+                    plain_output, precision_of, read_result, resolved, run_name, timing_file,
+                    write_file)
 from config import Config, check_config, resolve_precision
 
 SWEEP_SETS = {"task": "TASKS", "method": "METHODS", "budget": "BUDGETS", "seed": "SEEDS",
@@ -149,6 +150,7 @@ def plan(s: Sweep) -> list[tuple[str, str, list]]:
     on this kind of device, from the same data files), else 'todo'. A corrupt or incomplete result
     is moved to NAME.corrupt and redone; one of another config stops the sweep before any work."""
     out, clash, kind = [], [], "cuda" if torch.cuda.is_available() else "cpu"
+    other_code, here = [], code_digest()
     for name, args in s.runs:
         cfg, path = parse_args(args, Config), os.path.join(s.out, name + ".json")
         for ext in (".json", ".log", ".partial.json", ".error.json"):
@@ -179,7 +181,13 @@ def plan(s: Sweep) -> list[tuple[str, str, list]]:
                 diff.append(f"precision {made_in} -> {now_in} (--precision={made_in} continues it)")
             if diff:
                 clash.append(f"  {name}.json: " + ", ".join(diff))
+            if r["environment"].get("code_sha256") != here:
+                other_code.append(name)
         out.append(("done" if r else "todo", name, args))
+    if other_code and not clash:  # kept (an edited comment is no reason to lose a day), but said
+        print(f"warning: {len(other_code)} finished runs in {s.out} (e.g. {other_code[0]}) come from "
+              "other code than this checkout's (record.RUN_CODE): kept and skipped; the report says "
+              "so. Move them out of OUT to redo them.", file=sys.stderr)
     if clash:
         more = f"\n  ... and {len(clash) - 8} more" if len(clash) > 8 else ""
         fail(f"{s.out} holds results made with another configuration (field: there -> now):\n"

@@ -299,6 +299,21 @@ def test_resume_refuses_a_result_made_on_other_data(tmp_path, capsys):
     assert "data SST-2/train.tsv (not recorded) -> c75796b01672" in capsys.readouterr().err
 
 
+def test_resume_keeps_a_result_from_other_code_and_says_so(tmp_path, capsys):
+    """A finished result whose recorded code digest is not this checkout's is skipped as done, with
+    a warning (the report flags it too); one from this code resumes silently."""
+    from record import code_digest
+    r = finished(tmp_path)
+    r["environment"]["code_sha256"] = code_digest()
+    (tmp_path / "sst2_lora_b0.5_s0.json").write_text(json.dumps(r))
+    assert [x[0] for x in sweep.plan(settings(tmp_path))] == ["done"]
+    assert "other code" not in capsys.readouterr().err
+    r["environment"]["code_sha256"] = "0123456789ab"
+    (tmp_path / "sst2_lora_b0.5_s0.json").write_text(json.dumps(r))
+    assert [x[0] for x in sweep.plan(settings(tmp_path))] == ["done"]
+    assert "1 finished runs in" in capsys.readouterr().err
+
+
 def test_a_giant_field_stops_the_preflight_with_exit_2(tmp_path, capsys):
     """Bad case 7 (issue 31): a sentence over 131,072 characters ended the preflight in
     `_csv.Error`, exit 1."""
