@@ -389,7 +389,8 @@ def test_budget_axis_beside_the_hypothesis_and_the_code_line(capsys):
     """The budget axis by hand: LoRA's per-seed change from 0.1% to 0.5% is [1, 2, 1, 1, 1] points:
     mean 1.2, sd 0.44721, se 0.2; 95% ±0.5552 -> [+0.6, +1.8], 90% ±0.4264 -> [+0.8, +1.6]."""
     from record import code_digest
-    from report import beside_hypothesis, budget_axis, by_cell, code_line
+    from report import by_cell, code_line
+    from verdict import beside_hypothesis, budget_axis
     labels = torch.randint(0, 2, (N,), generator=torch.Generator().manual_seed(5))
     runs = []
     for budget, rank, finals in ((0.1, 1, [0.80, 0.81, 0.82, 0.80, 0.81]),
