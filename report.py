@@ -285,10 +285,14 @@ def tuning(runs: list[dict]) -> str:
         seeds = "/".join(sorted({str(r["config"]["seed"]) for r in task_runs}))
         rows = []
         for m, by_lr in methods.items():
-            best = max(by_lr, key=lambda lr: by_lr[lr]["final"])
+            top = max(r["final"] for r in by_lr.values())
+            tied = sorted(lr for lr, r in by_lr.items() if r["final"] == top)
+            best = tied[len(tied) // 2]  # a tie: the middle of the tied lrs, the most interior
             value = {lr: f"{100 * r['final']:.1f}" for lr, r in by_lr.items()}
             value[best] = f"**{value[best]}**"
-            rows.append([NAMES[m], *(value.get(lr, "-") for lr in lrs), f"{best:g}"])
+            tie = f" (tied: {', '.join(f'{lr:g}' for lr in tied)})" if len(tied) > 1 else ""
+            edge = "" if min(by_lr) < best < max(by_lr) else "; **at the grid's edge**"
+            rows.append([NAMES[m], *(value.get(lr, "-") for lr in lrs), f"{best:g}{tie}{edge}"])
         title = f"**{task}** ({TASKS[task][1]} ×100 on the held-out slice, seed {seeds}):"
         out += ["", title, "", *md_table(["method", *(f"lr {lr:g}" for lr in lrs), "chosen"], rows)]
     return "\n".join(out)
