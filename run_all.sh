@@ -83,8 +83,8 @@ AutoConfig.from_pretrained('roberta-base')" >/dev/null 2>&1; then
     # every budget: alpha/r keeps the update's scale across ranks (Hu et al. 2021). LoRA's lr serves every
     # method but AdaLoRA, which has its own.
     MODEL=mpnet; DEF_BUDGETS="0.2"
-    SST2_ARGS="--max_train=2000 --epochs=1 --fw_probes=32 --lr=LORA_SST2"; SST2_ADALORA_ARGS="--lr=ADA_SST2"
-    COLA_ARGS="--max_train=2000 --epochs=1 --fw_probes=32 --lr=LORA_COLA"; COLA_ADALORA_ARGS="--lr=ADA_COLA"
+    SST2_ARGS="--max_train=2000 --epochs=1 --fw_probes=32 --lr=1e-3"; SST2_ADALORA_ARGS="--lr=1e-2"
+    COLA_ARGS="--max_train=2000 --epochs=1 --fw_probes=32 --lr=2e-3"; COLA_ADALORA_ARGS="--lr=5e-3"
     # On SLURM: one thread per run, as here; a run's peak memory here was 1.8-2.7 GB.
     SLURM_RUN="--cpus-per-task=1 --mem=6G"; SLURM_END="--cpus-per-task=2 --mem=12G"
     case "$PROFILE" in
