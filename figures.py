@@ -9,7 +9,9 @@ from record import SHORT, write_file
 from stats import delta_w_norm, spearman, t_interval
 
 MATRICES = ("query", "key", "value", "attn.out", "ffn.in", "ffn.out")  # the grid's rows
-PARTS = ("query", "key", "value", "attention.output", "intermediate", "output")  # in module names
+# in module names, per row: BERT / RoBERTa's, then MPNet's (attention.attn.{q,k,v,o})
+PARTS = (("query", "attn.q"), ("key", "attn.k"), ("value", "attn.v"), ("attention.output", "attn.o"),
+         ("intermediate",), ("output",))
 
 
 def pyplot():
@@ -32,7 +34,8 @@ def matrix_grid(names_values: dict) -> tuple[list[list[float]], int]:
     layer is an error."""
     grid = defaultdict(dict)
     for name, v in names_values.items():
-        hits = [row for row, part in enumerate(PARTS) if name.endswith(part) or f".{part}." in name]
+        hits = [row for row, parts in enumerate(PARTS) for part in parts
+                if name.endswith(part) or f".{part}." in name]
         if not hits or ".layer." not in name:
             raise ValueError(f"{name}: not an adapted matrix of a layer ({', '.join(MATRICES)})")
         grid[hits[0]][int(name.split(".layer.")[1].split(".")[0])] = v

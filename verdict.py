@@ -46,6 +46,8 @@ QUESTIONS = [  # (question, a, b): what the table exists for, each answered from
 def judged(d: list[float], task: str) -> str:
     """A paired difference's verdict, its mean and 90% interval ×100 (the equivalence test's)."""
     lo, hi, _ = tost(d, MARGIN[task])
+    if len(d) < 2:
+        return f"inconclusive: {100 * d[0]:+.1f}, one seed"
     return f"{decide(d, MARGIN[task])}: {100 * statistics.mean(d):+.1f}, 90% [{100 * lo:+.1f}, " \
         f"{100 * hi:+.1f}]"
 

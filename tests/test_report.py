@@ -384,6 +384,10 @@ def test_matrix_grid_and_spearman_by_hand():
     assert grid[4][0] != grid[4][0]  # NaN: no FFN-in value given
     with pytest.raises(ValueError, match="pooler.dense: not an adapted matrix"):
         matrix_grid({"bert.pooler.dense": 1.0})
+    mpnet = {f"mpnet.encoder.layer.0.{m}": float(i) for i, m in enumerate(
+        ("attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o",
+         "intermediate.dense", "output.dense"))}  # MPNet's names: each its own row
+    assert matrix_grid(mpnet) == ([[0.0], [1.0], [2.0], [3.0], [4.0], [5.0]], 1)
     assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / 22.5 ** 0.5)
     assert spearman(torch.tensor([3.0, 1.0, 2.0]), [30, 10, 20]) == pytest.approx(1.0)  # tensors too
 
