@@ -335,6 +335,10 @@ def report_step(out: str) -> int:
         print(f"\ninterrupted in the report: every run is kept; `python report.py {out}` writes "
               "the table")
         return 130
+    except Exception as e:  # a report bug must not read as a failed sweep: the runs are done
+        print(f"error: the report failed ({type(e).__name__}: {e}); every run is kept: "
+              f"`python report.py {out}` shows where", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -633,3 +633,17 @@ def test_a_closed_pipe_ends_the_sweep_quietly(tmp_path):
     r = subprocess.run(["bash", "-c", "bash run_all.sh smoke | head -1"], cwd=ROOT, text=True,
                        capture_output=True, env=env, timeout=120)
     assert r.stdout.startswith("budgets on tiny-bert") and "Error" not in r.stderr, r.stderr
+
+
+def test_a_report_that_crashes_after_the_runs_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    """The base model's first sweep ended in a figure's traceback (MPNet's matrix names): the runs
+    were done, the exit and message said otherwise. Now: one line, the runs kept, exit 1."""
+    import report
+
+    def broken(out):
+        raise ValueError("mpnet.encoder.layer.0.attention.attn.q: not an adapted matrix")
+    monkeypatch.setattr(report, "main", broken)
+    assert kept_handlers(lambda: sweep.report_step(str(tmp_path))) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the report failed (ValueError: mpnet" in err[0]
+    assert "every run is kept" in err[0]
