@@ -27,9 +27,8 @@ from local import STOP, fail, run_local, slots, stop
 from data import RANDOM_MODELS, TASKS, load_glue, load_model, provenance
 from lora import count_base_params, rank_for_budget, target_names
 from fisher import WEIGHTING
-from record import (IGNORED, METHODS, check_writable, code_digest, differ, parse_args,
-                    plain_output, precision_of, read_result, resolved, run_name, timing_file,
-                    write_file)
+from record import (IGNORED, METHODS, check_writable, code_digest, differ, parse_args, plain_output,
+                    precision_of, read_result, resolved, run_name, timing_file, write_file)
 from config import Config, check_config, resolve_precision
 
 SWEEP_SETS = {"task": "TASKS", "method": "METHODS", "budget": "BUDGETS", "seed": "SEEDS",
@@ -181,8 +180,7 @@ def plan(s: Sweep) -> list[tuple[str, str, list]]:
                 diff.append(f"precision {made_in} -> {now_in} (--precision={made_in} continues it)")
             if diff:
                 clash.append(f"  {name}.json: " + ", ".join(diff))
-            if r["environment"].get("code_sha256") != here:
-                other_code.append(name)
+            other_code += [name] * (r["environment"].get("code_sha256") != here)
         out.append(("done" if r else "todo", name, args))
     if other_code and not clash:  # kept (an edited comment is no reason to lose a day), but said
         print(f"warning: {len(other_code)} finished runs in {s.out} (e.g. {other_code[0]}) come from "
